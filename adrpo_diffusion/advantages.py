@@ -1,0 +1,40 @@
+"""Group-relative advantages (pure tensor code).
+
+For sample i of prompt group g(i) with K samples:
+
+    A_i = clip(R_i - (1/K) * sum_{j: g(j) = g(i)} R_j,  A_min, A_max)
+
+Under multi-GPU the K samples of a group may live on different processes: the trainer gathers all rewards
+and group ids first, so every baseline sees its whole group, and then takes this process's slice.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_means(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean of ``values`` over the samples sharing its group id, shape ``(N,)``."""
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    num_groups = int(inverse.max()) + 1
+    sums = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
+    counts = torch.bincount(inverse, minlength=num_groups).to(values.dtype)
+    return (sums / counts)[inverse]
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_ids: torch.Tensor, clip_range: tuple[float, float] | None = (-1.0, 1.0)
+) -> torch.Tensor:
+    """``A = R - mean of R over the same group``, clipped to ``clip_range`` (``None``: unclipped)."""
+    if rewards.ndim != 1 or rewards.shape != group_ids.shape:
+        raise ValueError(f"rewards and group_ids must be 1-D of equal length, got {tuple(rewards.shape)} and {tuple(group_ids.shape)}")
+    advantages = rewards - group_means(rewards, group_ids)
+    if clip_range is not None:
+        advantages = advantages.clamp(min=clip_range[0], max=clip_range[1])
+    return advantages
+
+
+def local_slice(global_values: torch.Tensor, process_index: int, local_size: int) -> torch.Tensor:
+    """This process's part of a tensor gathered in process order (``accelerator.gather`` concatenates
+    equally sized per-process tensors by rank)."""
+    return global_values[process_index * local_size : (process_index + 1) * local_size]

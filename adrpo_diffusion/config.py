@@ -1,0 +1,215 @@
+"""Training configuration: one documented dataclass, loaded from YAML with command-line overrides, validated
+before anything heavy is loaded."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .losses import METHODS
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _f(default, help: str, **kwargs):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    # --- model
+    pretrained_model: str = _f("stabilityai/stable-diffusion-3-medium-diffusers",
+                               "Hub id or local directory of an SD3-family diffusers pipeline, or builtin:tiny-sd3.")
+    drop_t5: bool = _f(False, "Load without the T5 text encoder (saves ~9 GB; the pipeline feeds zeros instead).")
+    mixed_precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), no, fp16 or bf16. LoRA parameters stay fp32.")
+    lora_rank: int = _f(32, "LoRA rank r.")
+    lora_alpha: float = _f(32.0, "LoRA alpha (the update is scaled by alpha / r).")
+    lora_target_modules: list = _f(["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
+                                   "Transformer modules that get LoRA: the image and the context (add_*) attention projections.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass (less memory, ~30% slower).")
+    # --- prompts and rollouts
+    prompt_file: str = _f("prompts/drawbench.csv", "Prompts: .txt (one per line), .csv/.tsv (a 'prompt' column) or .jsonl.")
+    prompts_per_step: int = _f(8, "P: prompts drawn per iteration (over all processes).")
+    images_per_prompt: int = _f(4, "K: images sampled per prompt from the current policy; the group for the baseline.")
+    num_inference_steps: int = _f(20, "ODE (Euler) steps per rollout.")
+    guidance_scale: float = _f(4.5, "Classifier-free guidance scale of the rollouts (1 disables CFG).")
+    resolution: int = _f(512, "Image height and width in pixels.")
+    max_sequence_length: int = _f(256, "T5 token length (SD3 default 256).")
+    rollout_batch_size: int = _f(8, "Images sampled per forward batch on each process.")
+    # --- reward
+    reward: str = _f("clip", "Reward scorer name in the scorer registry (clip, color, ...).")
+    reward_options: dict = _f({}, "Options for the reward scorer, e.g. {model: openai/clip-vit-large-patch14}.")
+    reward_scale: float = _f(1.0, "Multiplies the scorer's output. CLIP score is 100*cos: rewards spread by O(1) inside a group.")
+    # --- method
+    method: str = _f("adrpo", f"One of {', '.join(METHODS)}.")
+    beta0: float = _f(1.0, "ADRPO: base regularisation strength; the W2 weight of a sample is beta0 - A.")
+    advantage_min: float = _f(-1.0, "A_min: lower clip of the advantages.")
+    advantage_max: float = _f(1.0, "A_max: upper clip of the advantages.")
+    beta: float = _f(1.0, "fixed-beta and orw-cfm-w2: the constant W2 weight.")
+    orw_tau: float = _f(1.0, "orw-cfm-w2: temperature of the reward weights exp(tau R) / mean exp(tau R).")
+    raft_top_k: int = _f(1, "raft: samples kept per prompt group.")
+    # --- loss
+    time_sampling: str = _f("uniform", "t ~ uniform (the paper) or logit_normal.")
+    logit_mean: float = _f(0.0, "logit_normal: mean.")
+    logit_std: float = _f(1.0, "logit_normal: standard deviation.")
+    timesteps_per_sample: int = _f(1, "Fresh (noise, t) draws per rollout sample in the loss.")
+    train_batch_size: int = _f(8, "Samples per forward/backward on each process; gradients accumulate over the iteration.")
+    # --- optimiser
+    learning_rate: float = _f(1e-4, "AdamW learning rate.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_weight_decay: float = _f(1e-4, "AdamW weight decay.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    use_8bit_adam: bool = _f(False, "bitsandbytes' 8-bit AdamW (needs bitsandbytes and a GPU).")
+    max_grad_norm: float = _f(1.0, "Gradient clipping (0 disables).")
+    lr_scheduler: str = _f("constant", "diffusers.optimization scheduler name (constant, constant_with_warmup, cosine, linear, ...).")
+    lr_warmup_steps: int = _f(0, "Warm-up steps of the LR scheduler.")
+    # --- run
+    output_dir: str = _f("outputs/adrpo-sd3", "Where LoRA weights, checkpoints, metrics and samples go.")
+    max_steps: int = _f(1000, "Training iterations (each: rollouts, rewards, one optimiser step).")
+    seed: int = _f(0, "Seed of every random draw (prompts, rollouts, noise, t).")
+    checkpointing_steps: int = _f(100, "Write a resumable checkpoint every N steps (0: only at the end).")
+    checkpoints_total_limit: int = _f(3, "Keep the newest N checkpoints (0: keep all).")
+    resume_from_checkpoint: typing.Optional[str] = _f(None, "latest, or a checkpoints/step-N directory.")
+    sample_every: int = _f(100, "Save a grid of held-out samples every N steps (0: never).")
+    eval_prompts: int = _f(8, "Prompts for the held-out reward printed before and after training.")
+    eval_seeds: list = _f([1000, 1001], "Held-out seeds (never used in training) for that reward.")
+    report_to: str = _f("tensorboard", "Tracker: tensorboard, wandb or none. metrics.jsonl is always written.")
+    max_consecutive_nonfinite: int = _f(5, "Stop after this many non-finite losses in a row (each is skipped).")
+    allow_tf32: bool = _f(True, "Allow TF32 matmuls on Ampere+ GPUs.")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _type_of(name: str):
+    hint = typing.get_type_hints(TrainConfig)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) is typing.Union else hint
+
+
+def _coerce(name: str, value):
+    kind = _type_of(name)
+    if value is None and name == "resume_from_checkpoint":
+        return None
+    if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML reads 1e-4 (no dot) as a string
+        except ValueError:
+            pass
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{name} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def unknown_key_error(keys, source: str) -> ConfigError:
+    lines = []
+    for key in keys:
+        close = difflib.get_close_matches(key, FIELDS, n=1)
+        lines.append(f"  {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ConfigError(f"Unknown config key(s) in {source}:\n" + "\n".join(lines) + "\nValid keys: " + ", ".join(FIELDS))
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Read a YAML file (if any), apply ``overrides`` on top, check types, and validate."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist.")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of config keys to values.")
+        unknown = [k for k in loaded if k not in FIELDS]
+        if unknown:
+            raise unknown_key_error(unknown, str(path))
+        values.update(loaded)
+    values.update(overrides or {})
+    config = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    validate(config)
+    return config
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Every check that needs no model: raises one ConfigError listing all problems."""
+    problems = []
+    if cfg.beta0 <= 0:
+        problems.append(f"beta0 must be > 0 (the loss is beta0 * ||v - v*||^2 + const), got {cfg.beta0}")
+    if cfg.advantage_min >= cfg.advantage_max:
+        problems.append(f"advantage_min ({cfg.advantage_min}) must be < advantage_max ({cfg.advantage_max})")
+    if cfg.images_per_prompt < 2:
+        problems.append(f"images_per_prompt (K) must be >= 2 for a group baseline, got {cfg.images_per_prompt}")
+    if cfg.method not in METHODS:
+        problems.append(f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+    if cfg.method == "raft" and not 1 <= cfg.raft_top_k < cfg.images_per_prompt:
+        problems.append(f"raft_top_k must be in [1, images_per_prompt - 1], got {cfg.raft_top_k}")
+    if cfg.method in ("fixed-beta", "orw-cfm-w2") and cfg.beta < 0:
+        problems.append(f"beta must be >= 0, got {cfg.beta}")
+    if cfg.time_sampling not in ("uniform", "logit_normal"):
+        problems.append(f"time_sampling must be uniform or logit_normal, got {cfg.time_sampling!r}")
+    if cfg.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+        problems.append(f"mixed_precision must be auto, no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    if cfg.report_to not in ("tensorboard", "wandb", "none"):
+        problems.append(f"report_to must be tensorboard, wandb or none, got {cfg.report_to!r}")
+    for name in ("prompts_per_step", "num_inference_steps", "rollout_batch_size", "train_batch_size",
+                 "timesteps_per_sample", "lora_rank", "max_steps", "resolution", "max_consecutive_nonfinite"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("checkpointing_steps", "checkpoints_total_limit", "sample_every", "eval_prompts", "lr_warmup_steps"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.learning_rate <= 0:
+        problems.append(f"learning_rate must be > 0, got {cfg.learning_rate}")
+    if cfg.resolution % 16:
+        problems.append(f"resolution must be a multiple of 16, got {cfg.resolution}")
+    if not all(isinstance(s, int) for s in cfg.eval_seeds):
+        problems.append(f"eval_seeds must be a list of integers, got {cfg.eval_seeds}")
+    if problems:
+        raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
+    if cfg.method == "adrpo" and cfg.advantage_max > cfg.beta0:
+        warnings.warn(
+            f"advantage_max ({cfg.advantage_max}) > beta0 ({cfg.beta0}): samples with A > beta0 get a negative W2 "
+            "weight, i.e. the target extrapolates past the sample (DESIGN.md section 2).", stacklevel=2,
+        )
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adrpo-train",
+        description="Online RL fine-tuning of SD3-family models with LoRA (ADRPO and baselines). "
+        "Every config key can be given as --key value; values are parsed as YAML (e.g. --eval_seeds '[1, 2]').",
+    )
+    parser.add_argument("--config", help="YAML config file (see configs/).")
+    for name, f in FIELDS.items():
+        parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="VALUE", help=f.metadata["help"])
+    return parser
+
+
+def config_from_args(argv=None) -> TrainConfig:
+    parser = build_arg_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flags = [a.lstrip("-").split("=")[0] for a in unknown if a.startswith("--")]
+        raise unknown_key_error(flags or unknown, "the command line")
+    overrides = {}
+    for name, raw in vars(args).items():
+        if name == "config":
+            continue
+        overrides[name] = raw if _type_of(name) is str else yaml.safe_load(raw)
+    return load_config(args.config, overrides)

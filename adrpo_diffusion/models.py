@@ -1,0 +1,215 @@
+"""Loading SD3-family pipelines, attaching LoRA, and the built-in tiny offline pipeline.
+
+Every model is loaded through ``StableDiffusion3Pipeline.from_pretrained`` with a hub id or a local
+directory. The tiny pipeline (``builtin:tiny-sd3``) is built from configs with random weights, saved with
+``save_pretrained`` into a cache directory, and loaded back through that same path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+BUILTIN_PREFIX = "builtin:"
+TINY_SD3 = "builtin:tiny-sd3"
+DEFAULT_LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0",  # image-stream attention
+    "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",  # text-stream (context) attention
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ADRPO_CACHE", Path.home() / ".cache" / "adrpo_diffusion"))
+
+
+def check_model_source(name_or_path: str) -> None:
+    """Fail fast, before anything heavy loads, if ``name_or_path`` cannot be loaded.
+
+    Accepts a ``builtin:`` name, a local pipeline directory (with ``model_index.json``), or a hub id that is
+    either cached or reachable.
+    """
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        if name_or_path != TINY_SD3:
+            raise ValueError(f"Unknown built-in model {name_or_path!r}; the built-in model is {TINY_SD3!r}.")
+        return
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"{path} is a directory but has no model_index.json: pass a diffusers pipeline directory "
+                "(the output of pipeline.save_pretrained or a downloaded hub snapshot)."
+            )
+        return
+    offline_hint = (
+        "To use a local copy, pass its directory, e.g. --pretrained_model /models/stable-diffusion-3-medium-diffusers "
+        "(download it once with `huggingface-cli download stabilityai/stable-diffusion-3-medium-diffusers "
+        "--local-dir /models/stable-diffusion-3-medium-diffusers`)."
+    )
+    if not _HUB_ID.match(name_or_path):
+        raise FileNotFoundError(f"Model {name_or_path!r} is neither a local directory nor a hub id (owner/name). {offline_hint}")
+    from huggingface_hub import constants, file_exists, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name_or_path, "model_index.json"), str):
+        return  # in the local hub cache
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(
+            f"Model {name_or_path!r} is not a local directory and not in the hub cache, and HF_HUB_OFFLINE is set. {offline_hint}"
+        )
+    try:
+        found = file_exists(name_or_path, "model_index.json")
+    except Exception as err:  # network down, gated repo without a token, ...
+        raise FileNotFoundError(f"Cannot reach {name_or_path!r} on the hub ({type(err).__name__}: {err}). {offline_hint}") from err
+    if not found:
+        raise FileNotFoundError(f"{name_or_path!r} has no model_index.json on the hub: not a diffusers pipeline. {offline_hint}")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map built-in names to their cached directory (building it once); pass anything else through."""
+    if name_or_path == TINY_SD3:
+        target = cache_dir() / "tiny-sd3"
+        if not (target / "model_index.json").is_file():
+            build_tiny_sd3(target)
+        return str(target)
+    return name_or_path
+
+
+def load_sd3_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32, drop_t5: bool = False):
+    """Load an SD3-family pipeline from a hub id, a local directory or a built-in name.
+
+    ``drop_t5`` skips the T5 encoder (about 9 GB in fp16 for SD3-medium); the pipeline then feeds zeros
+    in its place. A local directory saved without T5 (such as the tiny pipeline) is loaded that way
+    automatically.
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    check_model_source(name_or_path)
+    path = resolve_model_path(name_or_path)
+    index = Path(path) / "model_index.json"
+    if index.is_file() and json.loads(index.read_text()).get("text_encoder_3", [None])[0] is None:
+        drop_t5 = True
+    extra = {"text_encoder_3": None, "tokenizer_3": None} if drop_t5 else {}
+    return StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, **extra)
+
+
+def add_lora(transformer, rank: int, alpha: float, target_modules=DEFAULT_LORA_TARGETS, init_weights=True):
+    """Attach a LoRA adapter in place (diffusers' ``add_adapter``, no PeftModel wrapper) and return its config."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=init_weights)
+    transformer.add_adapter(config)
+    return config
+
+
+def lora_metadata(config) -> dict:
+    """The LoraConfig as the plain dict diffusers stores next to the weights (so alpha loads correctly)."""
+    meta = config.to_dict()
+    meta["target_modules"] = sorted(meta["target_modules"])  # a set in PEFT; JSON needs a list
+    return json.loads(json.dumps(meta, default=str))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tiny offline pipeline
+
+
+def _char_tokenizer(max_length: int = 77):
+    """A character-level CLIP BPE tokenizer (the byte alphabet, no merges): needs no download."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab.update({ch + "</w>": len(alphabet) + i for i, ch in enumerate(alphabet)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def _blocks_batch(n: int, generator: torch.Generator, size: int = 32) -> torch.Tensor:
+    """Synthetic images in [-1, 1]: a uniform background colour with one rectangle of another colour."""
+    images = torch.rand(n, 3, 1, 1, generator=generator).expand(n, 3, size, size).clone()
+    for image in images:
+        colour = torch.rand(3, 1, 1, generator=generator)
+        x0, y0 = torch.randint(0, size * 3 // 4, (2,), generator=generator).tolist()
+        w, h = torch.randint(size // 5, size // 2, (2,), generator=generator).tolist()
+        image[:, y0 : y0 + h, x0 : x0 + w] = colour
+    return images * 2 - 1
+
+
+def _fit_tiny_vae(vae, steps: int = 150, batch_size: int = 16, seed: int = 0) -> None:
+    """Briefly train the tiny VAE to reconstruct coloured blocks (~10 s on a CPU), then set SD3's latent
+    scale and shift from its latent statistics. A randomly initialised decoder's GroupNorms wash out the
+    latents' colour information, leaving a reward almost nothing that a fine-tuned transformer can change."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    for _ in range(steps):
+        images = _blocks_batch(batch_size, generator)
+        posterior = vae.encode(images).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator=generator)).sample
+        loss = (reconstruction - images).pow(2).mean() + 1e-4 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        latents = vae.encode(_blocks_batch(256, generator)).latent_dist.mean
+    vae.register_to_config(shift_factor=round(latents.mean().item(), 4), scaling_factor=round(1 / latents.std().item(), 4))
+    vae.requires_grad_(False)
+
+
+def build_tiny_sd3(target: str | os.PathLike, seed: int = 0) -> Path:
+    """Build a tiny SD3 pipeline of the real diffusers classes with random weights and save it to ``target``.
+
+    32x32 images, a VAE with 4 latent channels (16x16 latents) briefly fitted to coloured blocks, a 2-block
+    transformer (random) and two 32-wide CLIP text encoders (random) with a character-level tokenizer; no T5
+    (the pipeline then feeds zeros, as SD3 does when ``text_encoder_3`` is dropped). Written to a temporary directory and renamed, so an
+    interrupted build never leaves a half-written model behind.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    target = Path(target)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=8, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    _fit_tiny_vae(vae, seed=seed)
+    text_encoders = []
+    for _ in range(2):
+        text_config = CLIPTextConfig(
+            vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, projection_dim=32, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+            hidden_act="gelu",
+        )
+        text_encoders.append(CLIPTextModelWithProjection(text_config))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        tokenizer = _char_tokenizer()
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=scheduler, vae=vae,
+            text_encoder=text_encoders[0], tokenizer=tokenizer,
+            text_encoder_2=text_encoders[1], tokenizer_2=tokenizer,
+            text_encoder_3=None, tokenizer_3=None,
+        )
+        pipe.save_pretrained(tmp / "pipeline")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp / "pipeline", target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,48 @@
+"""CLIP score: ``100 * cos(image embedding, text embedding)`` with a transformers ``CLIPModel``.
+
+Computed here rather than with torchmetrics, whose CLIPScore breaks on transformers 5 (the feature getters
+now return an output object; the embedding is its ``pooler_output``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import register_scorer
+from .base import Scorer
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+
+
+@register_scorer("clip")
+class ClipScorer(Scorer):
+    """``model``: a hub id or a local directory holding a CLIPModel and its CLIPProcessor."""
+
+    def __init__(self, model: str = DEFAULT_CLIP, device: str | None = None, dtype: str = "float32",
+                 batch_size: int = 32, scale: float = 100.0, clamp_negative: bool = False):
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = getattr(torch, dtype)
+        self.batch_size, self.scale, self.clamp_negative = batch_size, scale, clamp_negative
+        self.processor = CLIPProcessor.from_pretrained(model)
+        self.model = CLIPModel.from_pretrained(model, dtype=self.dtype).to(self.device).eval().requires_grad_(False)
+
+    def to(self, device) -> "ClipScorer":
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    def _score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        inputs = self.processor(
+            text=prompts, images=list(images.float().clamp(0, 1).cpu()), do_rescale=False,
+            return_tensors="pt", padding=True, truncation=True,
+        )
+        pixels = inputs["pixel_values"].to(self.device, self.dtype)
+        image_embeds = self.model.get_image_features(pixel_values=pixels).pooler_output
+        text_embeds = self.model.get_text_features(
+            input_ids=inputs["input_ids"].to(self.device), attention_mask=inputs["attention_mask"].to(self.device)
+        ).pooler_output
+        cos = torch.nn.functional.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
+        return self.scale * (cos.clamp(min=0) if self.clamp_negative else cos)
+

@@ -1,0 +1,373 @@
+"""The training loop: the paper's Algorithm 1, one iteration per step.
+
+    for step in 1..max_steps:
+        1. draw P prompts; sample K images each from the CURRENT policy (ODE, LoRA on); keep x1
+        2. reward R = scale * scorer(decode(x1), prompt)
+        3. gather R over processes; per-sample weights from the method (ADRPO: A = clip(R - group mean),
+           w_fm = A, w_w2 = beta0 - A)
+        4. fresh noise and t per sample; minimise mean_i[w_fm_i ||v_theta - target||^2 + w_w2_i ||v_theta - v_ref||^2]
+           with v_ref the same transformer with adapters disabled, under no_grad
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .advantages import local_slice
+from .checkpoint import checkpoint_step, export_lora, list_checkpoints, load_lora_into, resolve_resume, save_checkpoint
+from .config import TrainConfig
+from .losses import flow_matching_pair, method_weights, sample_times, weighted_fm_w2_loss
+from .models import add_lora, check_model_source, load_sd3_pipeline
+from .prompts import PromptSampler, load_prompts
+from .sampling import decode_latents, encode_prompts, free_text_encoders, sample_latents
+from .scorers import build_scorer, check_scorer
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _tracker(report_to: str) -> str | None:
+    """wandb when asked for and installed, else tensorboard when installed, else none (metrics.jsonl only)."""
+    import importlib.util
+
+    if report_to == "wandb":
+        if importlib.util.find_spec("wandb"):
+            return "wandb"
+        print("[adrpo] wandb is not installed; falling back to tensorboard (pip install wandb to use it).")
+        report_to = "tensorboard"
+    if report_to == "tensorboard":
+        return "tensorboard" if importlib.util.find_spec("tensorboard") else None
+    return None
+
+
+def _flat_config(cfg: TrainConfig) -> dict:
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def eval_prompt_indices(num_prompts: int, count: int) -> list[int]:
+    """A fixed, evenly spread subset of the prompt list for held-out evaluation."""
+    count = min(count, num_prompts)
+    return sorted({round(i * num_prompts / count) for i in range(count)}) if count else []
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        # Everything that can fail without a model, first.
+        self.prompts = load_prompts(cfg.prompt_file)
+        check_scorer(cfg.reward, cfg.reward_options, self.prompts)
+        check_model_source(cfg.pretrained_model)
+        self.output_dir = Path(cfg.output_dir)
+        self.checkpoints_dir = self.output_dir / "checkpoints"
+        self.resume_dir = resolve_resume(cfg.resume_from_checkpoint, self.checkpoints_dir)
+
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        mixed = cfg.mixed_precision
+        if mixed == "auto":
+            mixed = "bf16" if torch.cuda.is_available() else "no"
+        self.accelerator = acc = Accelerator(
+            mixed_precision=mixed, log_with=_tracker(cfg.report_to),
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+        )
+        if (cfg.prompts_per_step * cfg.images_per_prompt) % acc.num_processes:
+            raise ValueError(
+                f"prompts_per_step * images_per_prompt = {cfg.prompts_per_step * cfg.images_per_prompt} must be "
+                f"divisible by the number of processes ({acc.num_processes})."
+            )
+        set_seed(cfg.seed, device_specific=True)  # different rollouts on each process
+        if cfg.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed, torch.float32)
+
+        # Models: frozen base in weight_dtype, LoRA in fp32.
+        pipe = load_sd3_pipeline(cfg.pretrained_model, dtype=self.weight_dtype, drop_t5=cfg.drop_t5)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(acc.device)
+        for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+            if module is not None:
+                module.requires_grad_(False)
+        self.eval_indices = eval_prompt_indices(len(self.prompts), cfg.eval_prompts)
+        self.cache = encode_prompts(pipe, self.prompts, acc.device, self.weight_dtype, cfg.max_sequence_length)
+        free_text_encoders(pipe)
+        gc.collect()
+
+        self.transformer = pipe.transformer
+        self.lora_config = add_lora(self.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
+        if cfg.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        from diffusers.training_utils import cast_training_params
+
+        cast_training_params(self.transformer, dtype=torch.float32)
+        self.pipe = pipe
+        self.params = [p for p in self.transformer.parameters() if p.requires_grad]
+
+        self.scorer = build_scorer(cfg.reward, **cfg.reward_options)
+        self.scorer.to(acc.device)
+
+        optimizer_cls = torch.optim.AdamW
+        if cfg.use_8bit_adam:
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise ImportError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+            optimizer_cls = bnb.optim.AdamW8bit
+        optimizer = optimizer_cls(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+        from diffusers.optimization import get_scheduler
+
+        # Not passed to accelerator.prepare, which would step it once per process; it steps once per iteration.
+        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                          num_training_steps=cfg.max_steps)
+        self.model, self.optimizer = acc.prepare(self.transformer, optimizer)
+        self.sampler = PromptSampler(len(self.prompts), cfg.seed)
+        acc.register_for_checkpointing(self.lr_scheduler, self.sampler)
+        acc.register_save_state_pre_hook(self._save_lora_hook)
+        acc.register_load_state_pre_hook(self._load_lora_hook)
+
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        if self.resume_dir is not None:
+            acc.load_state(str(self.resume_dir))
+            self.step = checkpoint_step(self.resume_dir)
+            self._log(f"resumed from {self.resume_dir} at step {self.step}")
+        elif cfg.resume_from_checkpoint == "latest":
+            self._log("no checkpoint found; starting a new run")
+        if acc.is_main_process:
+            self._truncate_metrics(self.step)
+        acc.init_trackers("adrpo", config=_flat_config(cfg))
+
+    # ------------------------------------------------------------------ checkpoint hooks (LoRA only, not 2B weights)
+    def _save_lora_hook(self, models, weights, output_dir):
+        if self.accelerator.is_main_process:
+            export_lora(self.accelerator.unwrap_model(self.model), self.lora_config, output_dir)
+        weights.clear()
+
+    def _load_lora_hook(self, models, input_dir):
+        models.clear()
+        load_lora_into(self.accelerator.unwrap_model(self.model), input_dir)
+
+    # ------------------------------------------------------------------ helpers
+    def _log(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            print(f"[adrpo] {message}", flush=True)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """On resume, drop metric lines of steps the checkpoint does not contain (they will be redone)."""
+        if self.metrics_path.exists():
+            kept = [line for line in self.metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def _policy_rollouts(self, indices: list[int], generators=None) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        with self.accelerator.autocast():
+            x1 = sample_latents(self.pipe, self.cache, indices, num_inference_steps=cfg.num_inference_steps,
+                                guidance_scale=cfg.guidance_scale, resolution=cfg.resolution,
+                                batch_size=cfg.rollout_batch_size, generators=generators)
+            images = decode_latents(self.pipe, x1, cfg.rollout_batch_size)
+        return x1, images
+
+    def _score(self, images: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        prompts = [self.prompts[i] for i in indices]
+        return self.scorer.score(images, prompts).to(self.accelerator.device) * self.cfg.reward_scale
+
+    @torch.no_grad()
+    def heldout_rewards(self, adapters: bool = True, seeds=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards and images of the held-out (prompt, seed) pairs; seeded generators, global RNG untouched."""
+        seeds = self.cfg.eval_seeds if seeds is None else seeds
+        pairs = [(i, s) for s in seeds for i in self.eval_indices]
+        if not pairs:
+            return torch.zeros(0), torch.zeros(0)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if not adapters:
+            unwrapped.disable_adapters()
+        try:
+            generators = [torch.Generator().manual_seed(s * 100_003 + i) for i, s in pairs]
+            _, images = self._policy_rollouts([i for i, _ in pairs], generators)
+        finally:
+            if not adapters:
+                unwrapped.enable_adapters()
+        return self._score(images, [i for i, _ in pairs]).cpu(), images
+
+    def _save_samples(self, images: torch.Tensor, name: str) -> None:
+        from diffusers.utils import make_image_grid
+        from PIL import Image
+
+        pil = [Image.fromarray((img.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()) for img in images]
+        cols = min(len(pil), max(1, len(self.eval_indices)))
+        rows = math.ceil(len(pil) / cols)
+        pil += [Image.new("RGB", pil[0].size)] * (rows * cols - len(pil))
+        (self.output_dir / "samples").mkdir(parents=True, exist_ok=True)
+        make_image_grid(pil, rows=rows, cols=cols).save(self.output_dir / "samples" / f"{name}.png")
+
+    # ------------------------------------------------------------------ one iteration
+    def train_step(self) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        K, world, rank = cfg.images_per_prompt, acc.num_processes, acc.process_index
+        total = cfg.prompts_per_step * K
+        n_local = total // world
+
+        # 1. P prompts (identical on every process), K rollouts each; this process takes its slice.
+        slots = self.sampler.draw(cfg.prompts_per_step)
+        global_prompt = [slots[j // K] for j in range(total)]
+        global_group = torch.arange(total, device=acc.device) // K
+        local_prompt = global_prompt[rank * n_local : (rank + 1) * n_local]
+        t0 = time.perf_counter()
+        x1, images = self._policy_rollouts(local_prompt)
+        t1 = time.perf_counter()
+
+        # 2. rewards; 3. per-sample weights from the whole (gathered) batch so every group is complete.
+        rewards = self._score(images, local_prompt)
+        all_rewards = acc.gather(rewards.float())
+        weights = method_weights(
+            cfg.method, all_rewards, global_group, clip_range=(cfg.advantage_min, cfg.advantage_max),
+            beta0=cfg.beta0, beta=cfg.beta, tau=cfg.orw_tau, raft_top_k=cfg.raft_top_k,
+        )
+        fm_w = local_slice(weights.fm, rank, n_local)
+        w2_w = local_slice(weights.w2, rank, n_local)
+        t2 = time.perf_counter()
+
+        # 4. flow-matching regression with fresh noise and t, in micro-batches accumulated into one step.
+        T = cfg.timesteps_per_sample
+        rows = torch.arange(n_local).repeat(T)  # each sample T times
+        embeds, pooled = self.cache.select([local_prompt[i] for i in rows.tolist()], acc.device, self.weight_dtype)
+        x1_rep, fm_rep, w2_rep = x1[rows], fm_w[rows], w2_w[rows]
+        noise = torch.randn(x1_rep.shape, dtype=torch.float32).to(acc.device, x1.dtype)
+        t = sample_times(rows.numel(), cfg.time_sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std).to(acc.device)
+        unwrapped = acc.unwrap_model(self.model)
+        self.model.train()
+        sums = {"loss": 0.0, "loss_fm": 0.0, "loss_w2": 0.0, "mse_fm": 0.0, "w2_divergence": 0.0}
+        num = rows.numel()
+        starts = list(range(0, num, cfg.train_batch_size))
+        for k, start in enumerate(starts):
+            sl = slice(start, start + cfg.train_batch_size)
+            x_sigma, timestep, target = flow_matching_pair(x1_rep[sl], noise[sl], t[sl])
+            inputs = dict(hidden_states=x_sigma, timestep=timestep, encoder_hidden_states=embeds[sl],
+                          pooled_projections=pooled[sl], return_dict=False)
+            sync = acc.no_sync(self.model) if k < len(starts) - 1 else contextlib.nullcontext()
+            with sync, acc.autocast():
+                v_ref = None
+                if weights.needs_reference:
+                    with torch.no_grad():
+                        unwrapped.disable_adapters()
+                        v_ref = unwrapped(**inputs)[0]
+                        unwrapped.enable_adapters()
+                v_theta = self.model(**inputs)[0]
+                loss, parts = weighted_fm_w2_loss(v_theta, v_ref, target, fm_rep[sl], w2_rep[sl])
+                share = x_sigma.shape[0] / num
+                acc.backward(loss * share)
+            sums["loss"] += loss.item() * share
+            for key, value in parts.items():
+                sums[key] += value.item() * share
+
+        # A non-finite loss or gradient anywhere skips the step everywhere.
+        grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        finite = torch.tensor([float(math.isfinite(sums["loss"]) and torch.isfinite(grad_norm).item())], device=acc.device)
+        finite = bool(acc.gather(finite).min().item())
+        if finite:
+            self.optimizer.step()
+            self.nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+
+        losses = acc.gather(torch.tensor([sums[k] for k in sums], device=acc.device).view(1, -1)).view(world, -1).mean(0)
+        raw, clipped = weights.advantages_raw, weights.advantages
+        clip_lo, clip_hi = cfg.advantage_min, cfg.advantage_max
+        return {
+            "reward_mean": all_rewards.mean().item(),
+            "reward_std": all_rewards.std().item(),
+            "advantage_mean": clipped.mean().item(),
+            "advantage_abs_mean": clipped.abs().mean().item(),
+            "advantage_raw_abs_mean": raw.abs().mean().item(),
+            "advantage_raw_std": raw.std().item(),
+            "clip_fraction": ((raw < clip_lo) | (raw > clip_hi)).float().mean().item(),
+            "fm_weight_mean": weights.fm.mean().item(),
+            "beta_tot_mean": weights.w2.mean().item(),
+            **{k: v.item() for k, v in zip(sums, losses)},
+            "grad_norm": grad_norm.item(),
+            "lr": self.lr_scheduler.get_last_lr()[0],
+            "skipped_nonfinite": int(not finite),
+            "nonfinite_total": self.nonfinite_total,
+            "seconds_rollout": t1 - t0,
+            "seconds_reward": t2 - t1,
+            "seconds_train": t3 - t2,
+        }
+
+    # ------------------------------------------------------------------ the run
+    def train(self) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        from tqdm.auto import tqdm
+
+        before, _ = self.heldout_rewards(adapters=False)
+        self._log(f"held-out reward of the base model: {before.mean().item():.4f}")
+        progress = tqdm(total=cfg.max_steps, initial=self.step, desc="ADRPO steps" if cfg.method == "adrpo" else cfg.method,
+                        disable=not acc.is_main_process)
+        while self.step < cfg.max_steps:
+            metrics = self.train_step()
+            self.step += 1
+            metrics = {"step": self.step, **metrics}
+            if metrics["skipped_nonfinite"]:
+                self._log(f"step {self.step}: non-finite loss or gradient, step skipped ({self.nonfinite_in_a_row} in a row)")
+                if self.nonfinite_in_a_row >= cfg.max_consecutive_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{self.nonfinite_in_a_row} non-finite losses in a row (step {self.step}); stopping. Lower "
+                        "learning_rate, check the reward for NaN/inf, or resume from the last checkpoint."
+                    )
+            acc.log(metrics, step=self.step)
+            if acc.is_main_process:
+                with self.metrics_path.open("a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            progress.update(1)
+            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4f}")
+            if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0:
+                save_checkpoint(acc, self.checkpoints_dir, self.step, cfg.checkpoints_total_limit)
+            if cfg.sample_every and self.step % cfg.sample_every == 0 and acc.is_main_process:
+                _, images = self.heldout_rewards(seeds=cfg.eval_seeds[:1])
+                self._save_samples(images, f"step-{self.step}")
+        progress.close()
+
+        if not any(step == self.step for step, _ in list_checkpoints(self.checkpoints_dir)):
+            save_checkpoint(acc, self.checkpoints_dir, self.step, cfg.checkpoints_total_limit)
+        if acc.is_main_process:
+            export_lora(acc.unwrap_model(self.model), self.lora_config, self.output_dir)
+        after, images = self.heldout_rewards(adapters=True)
+        # Paired over the same (prompt, seed) pairs, so seed noise cancels in the difference.
+        diff = after - before
+        summary = {
+            "steps": self.step, "heldout_samples": diff.numel(),
+            "heldout_reward_before": before.mean().item(), "heldout_reward_after": after.mean().item(),
+            "heldout_improvement": diff.mean().item(),
+            "heldout_improvement_se": (diff.std() / diff.numel() ** 0.5).item() if diff.numel() > 1 else float("nan"),
+        }
+        if acc.is_main_process:
+            self._save_samples(images, "final")
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self._log(f"held-out reward (mean over {len(self.eval_indices)} prompts x {len(cfg.eval_seeds)} seeds): "
+                  f"before {summary['heldout_reward_before']:.4f} -> after {summary['heldout_reward_after']:.4f} "
+                  f"(change {summary['heldout_improvement']:+.4f} +- {summary['heldout_improvement_se']:.4f} SE, paired)")
+        self._log(f"LoRA weights: {self.output_dir / 'pytorch_lora_weights.safetensors'}")
+        acc.end_training()
+        return summary
+
+
+def train(cfg: TrainConfig) -> dict:
+    return Trainer(cfg).train()
