@@ -191,7 +191,7 @@ def validate(cfg: TrainConfig) -> None:
 
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="adrpo-train",
+        prog="adrpo-train", allow_abbrev=False,
         description="Online RL fine-tuning of SD3-family models with LoRA (ADRPO and baselines). "
         "Every config key can be given as --key value; values are parsed as YAML (e.g. --eval_seeds '[1, 2]').",
     )

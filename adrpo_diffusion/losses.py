@@ -24,8 +24,9 @@ METHODS = ("adrpo", "orw-cfm-w2", "raft", "fixed-beta")
 
 
 def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``mse_i = mean over non-batch dims of (a_i - b_i)^2``, shape ``(N,)``, computed in fp32."""
-    return (a.float() - b.float()).pow(2).flatten(1).mean(dim=1)
+    """``mse_i = mean over non-batch dims of (a_i - b_i)^2``, shape ``(N,)``, in fp32 at least (bf16 inputs)."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    return (a.to(dtype) - b.to(dtype)).pow(2).flatten(1).mean(dim=1)
 
 
 def weighted_fm_w2_loss(
@@ -41,9 +42,8 @@ def weighted_fm_w2_loss(
     its parts (detached): ``loss_fm``, ``loss_w2`` (the two weighted means), ``mse_fm`` and ``w2_divergence``
     (the unweighted means, the latter an estimate of ``E||v_theta - v_ref||^2``).
     """
-    fm_weights = fm_weights.to(torch.float32)
-    w2_weights = w2_weights.to(torch.float32)
     mse_fm = per_sample_mse(v_theta, target)
+    fm_weights, w2_weights = fm_weights.to(mse_fm.dtype), w2_weights.to(mse_fm.dtype)
     loss_fm = (fm_weights * mse_fm).mean()
     if v_ref is None:
         if torch.any(w2_weights != 0):

@@ -77,6 +77,7 @@ class Trainer:
         if mixed == "auto":
             mixed = "bf16" if torch.cuda.is_available() else "no"
         self.accelerator = acc = Accelerator(
+            cpu=not torch.cuda.is_available(),  # without it, torchrun on CPUs gives N independent processes
             mixed_precision=mixed, log_with=_tracker(cfg.report_to),
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
         )
@@ -325,6 +326,10 @@ class Trainer:
             metrics = self.train_step()
             self.step += 1
             metrics = {"step": self.step, **metrics}
+            acc.log(metrics, step=self.step)
+            if acc.is_main_process:
+                with self.metrics_path.open("a") as f:
+                    f.write(json.dumps(metrics) + "\n")
             if metrics["skipped_nonfinite"]:
                 self._log(f"step {self.step}: non-finite loss or gradient, step skipped ({self.nonfinite_in_a_row} in a row)")
                 if self.nonfinite_in_a_row >= cfg.max_consecutive_nonfinite:
@@ -332,10 +337,6 @@ class Trainer:
                         f"{self.nonfinite_in_a_row} non-finite losses in a row (step {self.step}); stopping. Lower "
                         "learning_rate, check the reward for NaN/inf, or resume from the last checkpoint."
                     )
-            acc.log(metrics, step=self.step)
-            if acc.is_main_process:
-                with self.metrics_path.open("a") as f:
-                    f.write(json.dumps(metrics) + "\n")
             progress.update(1)
             progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4f}")
             if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import register_scorer
-from .base import Scorer
+from .base import Scorer, to_image_tensor
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 
@@ -33,15 +33,24 @@ class ClipScorer(Scorer):
         self.model.to(self.device)
         return self
 
+    @torch.no_grad()
+    def image_embeddings(self, images) -> torch.Tensor:
+        """CLIP image embeddings ``(N, D)`` (float32, on the CPU, not normalised) of a list of PIL images or an
+        ``(N, 3, H, W)`` tensor in ``[0, 1]``, computed ``batch_size`` images at a time."""
+        batches = [self._image_embeds(to_image_tensor(images[start : start + self.batch_size])).float().cpu()
+                   for start in range(0, len(images), self.batch_size)]
+        return torch.cat(batches) if batches else torch.zeros(0, self.model.config.projection_dim)
+
+    def _image_embeds(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = self.processor(images=list(images.float().clamp(0, 1).cpu()), do_rescale=False,
+                                return_tensors="pt")["pixel_values"]
+        return self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)).pooler_output
+
     def _score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        inputs = self.processor(
-            text=prompts, images=list(images.float().clamp(0, 1).cpu()), do_rescale=False,
-            return_tensors="pt", padding=True, truncation=True,
-        )
-        pixels = inputs["pixel_values"].to(self.device, self.dtype)
-        image_embeds = self.model.get_image_features(pixel_values=pixels).pooler_output
+        image_embeds = self._image_embeds(images)
+        text = self.processor(text=prompts, return_tensors="pt", padding=True, truncation=True)
         text_embeds = self.model.get_text_features(
-            input_ids=inputs["input_ids"].to(self.device), attention_mask=inputs["attention_mask"].to(self.device)
+            input_ids=text["input_ids"].to(self.device), attention_mask=text["attention_mask"].to(self.device)
         ).pooler_output
         cos = torch.nn.functional.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
         return self.scale * (cos.clamp(min=0) if self.clamp_negative else cos)

@@ -1,0 +1,74 @@
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from adrpo_diffusion.advantages import group_advantages, group_means, local_slice
+from adrpo_diffusion.losses import method_weights
+
+
+def test_group_advantages_against_numpy():
+    rng = np.random.default_rng(0)
+    rewards = rng.normal(size=12) * 3
+    groups = np.array([3, 3, 3, 7, 7, 7, 1, 1, 1, 1, 0, 0])  # arbitrary ids, unequal sizes, any order
+    expected = np.array([rewards[i] - rewards[groups == groups[i]].mean() for i in range(12)])
+    raw = group_advantages(torch.tensor(rewards), torch.tensor(groups), clip_range=None)
+    assert np.allclose(raw.numpy(), expected)
+    clipped = group_advantages(torch.tensor(rewards), torch.tensor(groups), clip_range=(-0.5, 1.0))
+    assert np.allclose(clipped.numpy(), np.clip(expected, -0.5, 1.0))
+    assert np.allclose(group_means(torch.tensor(rewards), torch.tensor(groups)).numpy(), rewards - expected)
+
+
+def test_group_advantages_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="equal length"):
+        group_advantages(torch.zeros(4), torch.zeros(3, dtype=torch.long))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, global_rewards, groups, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    from accelerate import PartialState
+    from accelerate.utils import gather
+
+    state = PartialState(cpu=True, backend="gloo")
+    n = global_rewards.numel() // world
+    local_rewards = global_rewards[rank * n : (rank + 1) * n].clone()
+    # what the trainer does: gather every process's rewards, weight the whole batch, keep this slice
+    weights = method_weights("adrpo", gather(local_rewards), groups, clip_range=(-1.0, 1.0), beta0=1.0)
+    queue.put((rank, local_slice(weights.fm, state.process_index, n)))
+    state.wait_for_everyone()
+    state.destroy_process_group()
+
+
+def test_groups_split_across_processes_see_their_whole_group():
+    """Two real processes (gloo): K=4 images per prompt, 6 per process, so group 1 spans both processes.
+    Each process's advantages must equal the single-process computation on the full batch."""
+    world = 2
+    rewards = torch.tensor([0.0, 1, 2, 3, 10, 11, 14, 17, -5, -4, -3, 4])
+    groups = torch.arange(12) // 4
+    expected = group_advantages(rewards, groups, clip_range=(-1.0, 1.0))
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, rewards, groups, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in range(world))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    got = torch.cat([results[r] for r in range(world)])
+    assert torch.allclose(got, expected)
+    # a per-process baseline would have been wrong for the split group:
+    per_process = torch.cat([group_advantages(rewards[:6], groups[:6], (-1.0, 1.0)),
+                             group_advantages(rewards[6:], groups[6:], (-1.0, 1.0))])
+    assert not torch.allclose(per_process, expected)

@@ -1,0 +1,124 @@
+"""Bad input gets a clear error before any model loads."""
+
+import pytest
+
+from adrpo_diffusion import cli, trainer
+from adrpo_diffusion.config import ConfigError, config_from_args, load_config
+
+
+@pytest.fixture(autouse=True)
+def no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was validated")
+
+    monkeypatch.setattr(trainer, "load_sd3_pipeline", refuse)
+
+
+def run_cli(argv, capsys):
+    code = cli.train_main(argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    def write(text):
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        return str(path)
+
+    return write
+
+
+def test_unknown_config_key_names_valid_keys(config_file, capsys):
+    code, err = run_cli(["--config", config_file("beta_0: 1.0\nmax_steps: 3\n")], capsys)
+    assert code == 2
+    assert "Unknown config key(s)" in err and "'beta_0' (did you mean 'beta0'?)" in err
+    assert "Valid keys:" in err and "advantage_max" in err
+
+
+def test_unknown_command_line_flag(capsys):
+    code, err = run_cli(["--config", "configs/tiny_cpu.yaml", "--learning_rat", "1e-3"], capsys)
+    assert code == 2 and "'learning_rat' (did you mean 'learning_rate'?)" in err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--beta0", "0"], "beta0 must be > 0"),
+        (["--beta0", "-1"], "beta0 must be > 0"),
+        (["--advantage_min", "1", "--advantage_max", "1"], "advantage_min (1.0) must be < advantage_max (1.0)"),
+        (["--images_per_prompt", "1"], "images_per_prompt (K) must be >= 2"),
+        (["--method", "ppo"], "method must be one of"),
+        (["--max_steps", "two"], "max_steps must be int"),
+        (["--resolution", "30"], "multiple of 16"),
+    ],
+)
+def test_impossible_values(override, message, capsys):
+    code, err = run_cli(["--config", "configs/tiny_cpu.yaml", *override], capsys)
+    assert code == 2 and message in err
+
+
+def test_several_problems_are_reported_together():
+    with pytest.raises(ConfigError) as info:
+        load_config("configs/tiny_cpu.yaml", {"beta0": 0.0, "images_per_prompt": 1})
+    assert "beta0" in str(info.value) and "images_per_prompt" in str(info.value)
+
+
+def test_warns_when_a_max_exceeds_beta0():
+    with pytest.warns(UserWarning, match="negative W2"):
+        load_config("configs/tiny_cpu.yaml", {"beta0": 0.5})
+
+
+def test_overrides_are_typed():
+    cfg = config_from_args(["--config", "configs/tiny_cpu.yaml", "--learning_rate", "1e-2", "--eval_seeds", "[7, 8]",
+                            "--max_steps", "3", "--resume_from_checkpoint", "latest"])
+    assert cfg.learning_rate == 0.01 and cfg.eval_seeds == [7, 8] and cfg.max_steps == 3
+    assert cfg.resume_from_checkpoint == "latest"
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [("empty.txt", "\n\n", "contains no prompts"), ("bad.jsonl", "{oops\n", "not valid JSON")],
+)
+def test_bad_prompt_files(tmp_path, name, content, message, capsys):
+    (tmp_path / name).write_text(content)
+    code, err = run_cli(["--config", "configs/tiny_cpu.yaml", "--prompt_file", str(tmp_path / name)], capsys)
+    assert code == 2 and message in err
+
+
+def test_prompts_the_reward_cannot_score(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a red apple\na tall tree\n")
+    code, err = run_cli(["--config", "configs/tiny_cpu.yaml", "--prompt_file", str(tmp_path / "p.txt")], capsys)
+    assert code == 2 and "needs a colour word" in err and "a tall tree" in err
+
+
+def test_unknown_reward_and_reward_option(capsys):
+    code, err = run_cli(["--config", "configs/tiny_cpu.yaml", "--reward", "aesthetics-v9"], capsys)
+    assert code == 2 and "Unknown scorer 'aesthetics-v9'" in err
+    code, err = run_cli(["--config", "configs/tiny_cpu.yaml", "--reward_options", "{size: 3}"], capsys)
+    assert code == 2 and "Unknown option(s) ['size'] for scorer 'color'" in err
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("stabilityai/not-cached-here", "HF_HUB_OFFLINE is set"),
+        ("/no/such/dir/sd3", "neither a local directory nor a hub id"),
+        ("builtin:huge-sd3", "Unknown built-in model"),
+    ],
+)
+def test_unreachable_model_says_how_to_pass_a_local_path(model, message, capsys):
+    code, err = run_cli(["--config", "configs/tiny_cpu.yaml", "--pretrained_model", model], capsys)
+    assert code == 2 and message in err
+    if "builtin" not in model:
+        assert "pass its directory" in err
+
+
+def test_directory_without_model_index(tmp_path, capsys):
+    code, err = run_cli(["--config", "configs/tiny_cpu.yaml", "--pretrained_model", str(tmp_path)], capsys)
+    assert code == 2 and "has no model_index.json" in err
+
+
+def test_resume_from_a_missing_checkpoint(tmp_path, capsys):
+    code, err = run_cli(["--config", "configs/tiny_cpu.yaml", "--resume_from_checkpoint", str(tmp_path / "step-9")], capsys)
+    assert code == 2 and "is not a checkpoints/step-N directory" in err

@@ -1,0 +1,149 @@
+import numpy as np
+import pytest
+import torch
+
+from adrpo_diffusion.losses import (
+    adrpo_fm_loss,
+    flow_matching_pair,
+    method_weights,
+    per_sample_mse,
+    sample_times,
+    weighted_fm_w2_loss,
+)
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_adrpo_loss_matches_an_explicit_loop():
+    v, v_ref, u = _rand(5, 4, 3, 3, seed=1), _rand(5, 4, 3, 3, seed=2), _rand(5, 4, 3, 3, seed=3)
+    advantages = torch.tensor([-1.0, -0.3, 0.0, 0.4, 1.0], dtype=torch.float64)
+    beta0 = 1.3
+    expected = 0.0
+    for i in range(5):
+        a = advantages[i].item()
+        mse_u = np.mean((v[i].numpy() - u[i].numpy()) ** 2)
+        mse_ref = np.mean((v[i].numpy() - v_ref[i].numpy()) ** 2)
+        expected += a * mse_u + (beta0 - a) * mse_ref
+    expected /= 5
+    assert adrpo_fm_loss(v, v_ref, u, advantages, beta0).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("a", [-1.0, -0.25, 0.0, 0.6, 1.0, 1.5])
+def test_loss_is_beta0_times_distance_to_v_star_plus_a_constant(a):
+    """DESIGN.md section 2: A||v-u||^2 + (beta0-A)||v-v_ref||^2 = beta0||v - v*||^2 + const,
+    v* = v_ref + (A/beta0)(u - v_ref). Checked as: the difference does not depend on v."""
+    beta0 = 0.8
+    u, v_ref = _rand(1, 16, seed=4), _rand(1, 16, seed=5)
+    adv = torch.tensor([a], dtype=torch.float64)
+    v_star = v_ref + (a / beta0) * (u - v_ref)
+    gaps = []
+    for seed in range(6, 11):
+        v = _rand(1, 16, seed=seed) * 3
+        gaps.append(adrpo_fm_loss(v, v_ref, u, adv, beta0).item() - beta0 * per_sample_mse(v, v_star).item())
+    assert np.ptp(gaps) < 1e-9
+    # and the minimiser is v*: zero gradient there
+    v = v_star.clone().requires_grad_(True)
+    adrpo_fm_loss(v, v_ref, u, adv, beta0).backward()
+    assert v.grad.abs().max().item() < 1e-12
+
+
+def test_weighted_loss_parts_and_missing_reference():
+    v, u = _rand(3, 8, seed=1), _rand(3, 8, seed=2)
+    loss, parts = weighted_fm_w2_loss(v, None, u, torch.ones(3), torch.zeros(3))
+    assert loss.item() == pytest.approx(per_sample_mse(v, u).mean().item())
+    assert parts["w2_divergence"].item() == 0
+    with pytest.raises(ValueError, match="v_ref is required"):
+        weighted_fm_w2_loss(v, None, u, torch.ones(3), torch.ones(3))
+
+
+def test_method_weights():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.5, 14.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    # group means 2 and 11.5 -> raw A = [-1, 0, 1, -1.5, -1, 2.5]
+    w = method_weights("adrpo", rewards, groups, clip_range=(-1.0, 1.0), beta0=1.0)
+    assert torch.allclose(w.advantages_raw, torch.tensor([-1.0, 0, 1, -1.5, -1, 2.5]))
+    assert torch.allclose(w.fm, torch.tensor([-1.0, 0, 1, -1, -1, 1]))
+    assert torch.allclose(w.w2, 1.0 - w.fm)
+    assert w.needs_reference
+
+    fixed = method_weights("fixed-beta", rewards, groups, beta=0.3)
+    assert torch.allclose(fixed.fm, w.fm) and torch.allclose(fixed.w2, torch.full((6,), 0.3))
+
+    orw = method_weights("orw-cfm-w2", rewards, groups, tau=0.5, beta=0.2)
+    expected = np.exp(0.5 * rewards.numpy())
+    expected = expected / expected.mean()
+    assert np.allclose(orw.fm.numpy(), expected, rtol=1e-5) and orw.fm.min() >= 0
+    assert torch.allclose(orw.w2, torch.full((6,), 0.2))
+
+    raft = method_weights("raft", rewards, groups, raft_top_k=1)
+    assert torch.allclose(raft.fm, torch.tensor([0.0, 0, 3, 0, 0, 3]))  # K/k = 3 on the best of each group
+    assert not raft.needs_reference and raft.w2.abs().sum() == 0
+    with pytest.raises(ValueError, match="Unknown method"):
+        method_weights("ppo", rewards, groups)
+
+
+def test_flow_matching_pair_follows_diffusers_sd3_convention():
+    x1, noise = _rand(3, 2, 4, 4, seed=1), _rand(3, 2, 4, 4, seed=2)
+    t = torch.tensor([1.0, 0.0, 0.25], dtype=torch.float64)
+    x_sigma, timestep, target = flow_matching_pair(x1, noise, t)
+    assert torch.allclose(x_sigma[0], x1[0]) and torch.allclose(x_sigma[1], noise[1])  # t=1 data, t=0 noise
+    assert torch.allclose(x_sigma[2], 0.25 * x1[2] + 0.75 * noise[2])  # paper: (1-t) x0 + t x1
+    assert torch.allclose(timestep, torch.tensor([0.0, 1000.0, 750.0], dtype=torch.float64))
+    assert torch.allclose(target, noise - x1)  # -u_t
+
+
+def test_time_sampling():
+    g = torch.Generator().manual_seed(0)
+    for scheme in ("uniform", "logit_normal"):
+        t = sample_times(1000, scheme, generator=g)
+        assert t.min() > 0 and t.max() < 1
+    with pytest.raises(ValueError):
+        sample_times(3, "beta")
+
+
+def _euler_error_after_fm_training(pipe, sign: float, steps: int = 60) -> tuple[float, float]:
+    """Train LoRA on mse(v_theta, sign * (noise - x1)) at one (x1, noise, t); return the error of the
+    scheduler's own Euler step from x_sigma to sigma = 0 against x1, before and after."""
+    from adrpo_diffusion.models import DEFAULT_LORA_TARGETS, add_lora
+
+    transformer, scheduler = pipe.transformer, pipe.scheduler
+    add_lora(transformer, rank=8, alpha=8, target_modules=[*DEFAULT_LORA_TARGETS, "proj_out", "ff.net.2"])
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=2e-2)
+    g = torch.Generator().manual_seed(0)
+    x1, noise = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
+    embeds, pooled = torch.randn(2, 85, 64, generator=g), torch.randn(2, 64, generator=g)
+    t = torch.tensor([0.4, 0.4])
+    x_sigma, timestep, target = flow_matching_pair(x1, noise, t)
+    inputs = dict(hidden_states=x_sigma, timestep=timestep, encoder_hidden_states=embeds, pooled_projections=pooled,
+                  return_dict=False)
+
+    def euler_error():
+        scheduler.timesteps = timestep[:1].float()
+        scheduler.sigmas = torch.tensor([1.0 - t[0].item(), 0.0])
+        scheduler._step_index = None
+        with torch.no_grad():
+            x_next = scheduler.step(transformer(**inputs)[0], scheduler.timesteps[0], x_sigma).prev_sample
+        return per_sample_mse(x_next, x1).mean().item()
+
+    before = euler_error()
+    for _ in range(steps):
+        loss = per_sample_mse(transformer(**inputs)[0], sign * target).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return before, euler_error()
+
+
+def test_sign_and_time_mapping_on_the_tiny_sd3_transformer(tiny_sd3_dir):
+    """Minimising the FM term with our target moves the real tiny SD3 transformer's velocity towards the
+    sample (the diffusers scheduler's Euler step lands closer to x1); the paper's u_t used unflipped does
+    the opposite. This is the check that catches a wrong time/sign mapping."""
+    from adrpo_diffusion.models import load_sd3_pipeline
+
+    before, after = _euler_error_after_fm_training(load_sd3_pipeline(tiny_sd3_dir), sign=1.0)
+    assert after < 0.7 * before
+    before_wrong, after_wrong = _euler_error_after_fm_training(load_sd3_pipeline(tiny_sd3_dir), sign=-1.0)
+    assert after_wrong > before_wrong
