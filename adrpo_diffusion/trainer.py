@@ -59,6 +59,35 @@ def eval_prompt_indices(num_prompts: int, count: int) -> list[int]:
     return sorted({round(i * num_prompts / count) for i in range(count)}) if count else []
 
 
+def adapters_disabled(lora_transformer):
+    """The reference velocity ``v_ref``: the same transformer with its LoRA adapters switched off (no second
+    copy of the weights). Call it under ``no_grad``."""
+
+    def forward(**inputs):
+        lora_transformer.disable_adapters()
+        try:
+            return lora_transformer(**inputs)
+        finally:
+            lora_transformer.enable_adapters()
+
+    return forward
+
+
+def fm_w2_loss_on_batch(model, reference, x1, noise, t, embeds, pooled, fm_weights, w2_weights):
+    """The loss of one micro-batch: build ``(x_sigma, timestep, target)`` from the rollout latents, fresh noise
+    and t; ``v_ref`` from ``reference`` without gradient (skipped when ``reference`` is None); ``v_theta`` from
+    the policy; then :func:`weighted_fm_w2_loss`. Returns ``(loss, parts)``."""
+    x_sigma, timestep, target = flow_matching_pair(x1, noise, t)
+    inputs = dict(hidden_states=x_sigma, timestep=timestep, encoder_hidden_states=embeds, pooled_projections=pooled,
+                  return_dict=False)
+    v_ref = None
+    if reference is not None:
+        with torch.no_grad():
+            v_ref = reference(**inputs)[0]
+    v_theta = model(**inputs)[0]
+    return weighted_fm_w2_loss(v_theta, v_ref, target, fm_weights, w2_weights)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -250,31 +279,23 @@ class Trainer:
         x1_rep, fm_rep, w2_rep = x1[rows], fm_w[rows], w2_w[rows]
         noise = torch.randn(x1_rep.shape, dtype=torch.float32).to(acc.device, x1.dtype)
         t = sample_times(rows.numel(), cfg.time_sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std).to(acc.device)
-        unwrapped = acc.unwrap_model(self.model)
+        reference = adapters_disabled(acc.unwrap_model(self.model)) if weights.needs_reference else None
         self.model.train()
-        sums = {"loss": 0.0, "loss_fm": 0.0, "loss_w2": 0.0, "mse_fm": 0.0, "w2_divergence": 0.0}
+        sums = dict.fromkeys(("loss", "loss_fm", "loss_w2", "mse_fm", "w2_divergence"), 0.0)
         num = rows.numel()
         starts = list(range(0, num, cfg.train_batch_size))
         for k, start in enumerate(starts):
             sl = slice(start, start + cfg.train_batch_size)
-            x_sigma, timestep, target = flow_matching_pair(x1_rep[sl], noise[sl], t[sl])
-            inputs = dict(hidden_states=x_sigma, timestep=timestep, encoder_hidden_states=embeds[sl],
-                          pooled_projections=pooled[sl], return_dict=False)
+            # gradients are all-reduced once, on the last micro-batch
             sync = acc.no_sync(self.model) if k < len(starts) - 1 else contextlib.nullcontext()
             with sync, acc.autocast():
-                v_ref = None
-                if weights.needs_reference:
-                    with torch.no_grad():
-                        unwrapped.disable_adapters()
-                        v_ref = unwrapped(**inputs)[0]
-                        unwrapped.enable_adapters()
-                v_theta = self.model(**inputs)[0]
-                loss, parts = weighted_fm_w2_loss(v_theta, v_ref, target, fm_rep[sl], w2_rep[sl])
-                share = x_sigma.shape[0] / num
+                loss, parts = fm_w2_loss_on_batch(self.model, reference, x1_rep[sl], noise[sl], t[sl], embeds[sl],
+                                                  pooled[sl], fm_rep[sl], w2_rep[sl])
+                share = x1_rep[sl].shape[0] / num
                 acc.backward(loss * share)
-            sums["loss"] += loss.item() * share
-            for key, value in parts.items():
-                sums[key] += value.item() * share
+            for key, value in {"loss": loss.detach(), **parts}.items():
+                sums[key] = sums[key] + value * share
+        sums = {k: float(v) for k, v in sums.items()}  # one device sync per step, not per micro-batch
 
         # A non-finite loss or gradient anywhere skips the step everywhere.
         grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)

@@ -10,9 +10,9 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+from transformers import CLIPModel, CLIPProcessor
 
-from adrpo_diffusion.models import _char_tokenizer
+from adrpo_diffusion.evaluation.tiny import build_tiny_clip
 from adrpo_diffusion.scorers import build_scorer
 from adrpo_diffusion.scorers.diversity import clip_diversity
 
@@ -22,21 +22,7 @@ PROMPTS = ["a red cube", "two cats on a sofa", "a blue sky over a very long and 
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
     """A random CLIPModel (projection 16) and a CLIPProcessor (30 px crops, character tokenizer), saved."""
-    torch.manual_seed(0)
-    tokenizer = _char_tokenizer()
-    tower = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
-    config = CLIPConfig(
-        text_config=dict(tower, vocab_size=len(tokenizer), max_position_embeddings=77,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(tower, image_size=30, patch_size=6),
-        projection_dim=16,
-    )
-    path = tmp_path_factory.mktemp("tiny_clip")
-    CLIPModel(config).save_pretrained(path)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
-    return path
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 def _images(n=3, height=40, width=48, seed=1):

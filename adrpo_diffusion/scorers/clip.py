@@ -22,11 +22,23 @@ class ClipScorer(Scorer):
                  batch_size: int = 32, scale: float = 100.0, clamp_negative: bool = False):
         from transformers import CLIPModel, CLIPProcessor
 
+        self._wrap(CLIPModel.from_pretrained(model, dtype=getattr(torch, dtype)), CLIPProcessor.from_pretrained(model),
+                   device, dtype, batch_size, scale, clamp_negative)
+
+    @classmethod
+    def from_model(cls, model, processor, device: str | None = None, dtype: str = "float32", batch_size: int = 32,
+                   scale: float = 100.0, clamp_negative: bool = False) -> "ClipScorer":
+        """Wrap an already built ``CLIPModel`` and ``CLIPProcessor`` (benchmarks, custom loading)."""
+        scorer = cls.__new__(cls)
+        scorer._wrap(model, processor, device, dtype, batch_size, scale, clamp_negative)
+        return scorer
+
+    def _wrap(self, model, processor, device, dtype, batch_size, scale, clamp_negative):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = getattr(torch, dtype)
         self.batch_size, self.scale, self.clamp_negative = batch_size, scale, clamp_negative
-        self.processor = CLIPProcessor.from_pretrained(model)
-        self.model = CLIPModel.from_pretrained(model, dtype=self.dtype).to(self.device).eval().requires_grad_(False)
+        self.processor = processor
+        self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
 
     def to(self, device) -> "ClipScorer":
         self.device = torch.device(device)

@@ -1,0 +1,483 @@
+"""Benchmark of one training iteration's phases and of the memory/speed levers.
+
+Phases, timed separately (median of ``--repeats`` after one warm-up): rollout sampling (the diffusers SD3
+pipeline, as the trainer runs it), VAE decode, reward (CLIP score), and the train step (policy
+forward/backward plus the reference forward, then the optimiser step). Reports images/s per phase, the train
+step's samples/s, peak memory, and model FLOP utilisation (MFU).
+
+FLOPs are counted from the transformer's config and token counts (:func:`transformer_flops`, checked
+against ``torch.utils.flop_counter`` in the tests). MFU counts model FLOPs only: the sampler does
+``steps x (2 with CFG)`` forwards per image; the train step does the policy forward, its backward (the base
+weights are frozen, so only input gradients: 1x the linear FLOPs and 2x the attention FLOPs), and the
+reference forward. Recomputation under gradient checkpointing is not counted as useful work.
+
+``--arch sd3-medium`` builds the FULL SD3-medium transformer and VAE (and, for the prompt-caching lever, the
+three text encoders) at random initialisation: the same FLOPs and memory as the real weights, no download.
+Prompt embeddings are random tensors of the right shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SD3_MEDIUM_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=192,
+)
+SD3_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
+    norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
+    use_quant_conv=False, use_post_quant_conv=False,
+)
+# Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s), for MFU.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
+
+
+def transformer_flops(config, image_tokens: int, text_tokens: int) -> dict[str, float]:
+    """FLOPs (2 x multiply-adds) of one SD3 transformer forward for ONE sample, split into ``linear`` (every
+    matmul with a weight) and ``attention`` (QK^T and AV over the joint sequence).
+
+    Per joint block with width d: the image stream has qkv (3d^2), out (d^2) and a 4x MLP (8d^2) per token;
+    the text stream the same, except in the last block (``context_pre_only``), which only projects qkv;
+    AdaLN modulations are per sample (6d^2 each stream). Attention: 2 N^2 d multiply-adds, N = image + text
+    tokens. SD3.5's dual-attention blocks add a second image-only attention.
+    """
+    c = config
+    d = c.num_attention_heads * c.attention_head_dim
+    n, m = image_tokens, text_tokens
+    macs_linear = n * c.in_channels * c.patch_size**2 * d  # patch embedding
+    macs_linear += m * c.joint_attention_dim * c.caption_projection_dim  # context embedder
+    macs_linear += 256 * d + d * d + c.pooled_projection_dim * d + d * d  # timestep and pooled-text embedders
+    macs_attention = 0
+    dual = set(getattr(c, "dual_attention_layers", ()) or ())
+    for layer in range(c.num_layers):
+        last = layer == c.num_layers - 1
+        macs_linear += 6 * d * d + n * 12 * d * d  # image stream: adaLN, qkv, out, MLP
+        macs_linear += (2 * d * d + m * 3 * d * d) if last else (6 * d * d + m * 12 * d * d)
+        macs_attention += 2 * (n + m) ** 2 * d
+        if layer in dual:
+            macs_linear += 3 * d * d + n * 4 * d * d
+            macs_attention += 2 * n * n * d
+    out_channels = c.out_channels or c.in_channels
+    macs_linear += 2 * d * d + n * d * c.patch_size**2 * out_channels  # final adaLN and projection
+    return {"linear": 2.0 * macs_linear, "attention": 2.0 * macs_attention}
+
+
+@dataclasses.dataclass
+class Scenario:
+    """One combination of levers. The default is what the 80 GB config runs."""
+
+    name: str
+    dtype: str = "bf16"  # bf16 (autocast, bf16 base weights, fp32 LoRA) or fp32
+    gradient_checkpointing: bool = False
+    reference: str = "adapters"  # adapters (same weights, LoRA disabled) or copy (a second transformer)
+    cfg: str = "batched"  # batched (cond + uncond in one forward, as diffusers does) or split (two forwards)
+    attention: str = "sdpa"  # sdpa (fused flash/efficient kernels) or math (unfused reference kernel)
+    compile: bool = False  # torch.compile the transformer
+    batch_size: int = 8  # rollout images per forward batch
+    train_batch_size: int = 8  # samples per train micro-batch
+    steps: int = 20  # sampler steps
+    phases: tuple = ("sample", "decode", "reward", "train")
+
+
+def default_scenarios(device: str) -> list[Scenario]:
+    if device == "cpu":
+        return [
+            Scenario("default", dtype="fp32"),
+            Scenario("grad-checkpointing", dtype="fp32", gradient_checkpointing=True, phases=("train",)),
+            Scenario("reference-copy", dtype="fp32", reference="copy", phases=("train",)),
+            Scenario("cfg-split", dtype="fp32", cfg="split", phases=("sample",)),
+            Scenario("attention-math", dtype="fp32", attention="math", phases=("sample", "train")),
+            Scenario("steps-10", dtype="fp32", steps=10, phases=("sample",)),
+            Scenario("batch-16", dtype="fp32", batch_size=16, train_batch_size=16, phases=("sample", "train")),
+        ]
+    return [
+        Scenario("default"),
+        Scenario("24gb-config", gradient_checkpointing=True, batch_size=4, train_batch_size=2),
+        Scenario("grad-checkpointing", gradient_checkpointing=True, phases=("train",)),
+        Scenario("reference-copy", reference="copy", phases=("train",)),
+        Scenario("cfg-split", cfg="split", phases=("sample",)),
+        Scenario("attention-math", attention="math", phases=("sample", "train")),
+        Scenario("batch-16", batch_size=16, train_batch_size=16, phases=("sample", "train")),
+        Scenario("steps-10", steps=10, phases=("sample",)),
+        Scenario("fp32", dtype="fp32", batch_size=4, train_batch_size=4, phases=("sample", "train")),
+        Scenario("compile", compile=True, phases=("sample", "train")),
+    ]
+
+
+class Bench:
+    """The models of one benchmark run, built once and shared by the scenarios."""
+
+    def __init__(self, arch: str, device: str, resolution: int, lora_rank: int, text_encoders: bool):
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+        from .models import TINY_SD3, add_lora, load_sd3_pipeline
+
+        self.device = torch.device(device)
+        self.arch, self.resolution = arch, resolution
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        torch.manual_seed(0)
+        if arch == "tiny":
+            pipe = load_sd3_pipeline(TINY_SD3)
+            self.text_modules = [pipe.text_encoder, pipe.text_encoder_2]
+            pipe.text_encoder = pipe.text_encoder_2 = None
+            transformer, vae, scheduler = pipe.transformer, pipe.vae, pipe.scheduler
+            self.text_tokens, self.max_sequence_length = 77 + 8, 8
+        else:
+            with self.device:
+                transformer = SD3Transformer2DModel(**SD3_MEDIUM_TRANSFORMER).to(dtype)
+                vae = AutoencoderKL(**SD3_VAE).to(dtype)
+            scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+            self.text_modules = self._full_text_encoders(dtype) if text_encoders else []
+            self.text_tokens, self.max_sequence_length = 77 + 256, 256
+        transformer.to(self.device, dtype).requires_grad_(False)
+        vae.to(self.device, dtype).requires_grad_(False)
+        self.lora_config = add_lora(transformer, rank=lora_rank, alpha=lora_rank)
+        for p in transformer.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
+        self.pipe = StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=None,
+                                             tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                             text_encoder_3=None, tokenizer_3=None)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.scorer = self._reward_model()
+        c = transformer.config
+        self.latent_size = resolution // self.pipe.vae_scale_factor
+        self.image_tokens = (self.latent_size // c.patch_size) ** 2
+        self.flops = transformer_flops(c, self.image_tokens, self.text_tokens)
+
+    def _full_text_encoders(self, dtype):
+        """SD3's CLIP-L, OpenCLIP-bigG and T5-XXL text encoders at random init (for the prompt-caching lever)."""
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+        with self.device:
+            clip_l = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                                num_attention_heads=12, projection_dim=768)).to(dtype)
+            clip_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                                                num_attention_heads=20, projection_dim=1280, hidden_act="gelu")).to(dtype)
+            t5 = T5EncoderModel(T5Config(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+                                         feed_forward_proj="gated-gelu", is_encoder_decoder=False)).to(dtype)
+        return [m.eval().requires_grad_(False) for m in (clip_l, clip_g, t5)]
+
+    def _reward_model(self):
+        """The CLIP-score reward: CLIP ViT-L/14 at random init for sd3-medium, a tiny CLIP for tiny."""
+        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+        from .models import _char_tokenizer
+        from .scorers.clip import ClipScorer
+
+        if self.arch == "tiny":
+            vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+            text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+            size, projection = 32, 16
+        else:
+            vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                          image_size=224, patch_size=14)
+            text = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+            size, projection = 224, 768
+        config = CLIPConfig(text_config=dict(vocab_size=514, max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
+                                             pad_token_id=513, **text), vision_config=vision, projection_dim=projection)
+        processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": size},
+                                                                     crop_size={"height": size, "width": size}),
+                                  tokenizer=_char_tokenizer())
+        dtype = "float16" if self.device.type == "cuda" else "float32"
+        with self.device:
+            model = CLIPModel(config).to(getattr(torch, dtype))
+        return ClipScorer.from_model(model, processor, device=str(self.device), dtype=dtype, batch_size=32)
+
+    # ------------------------------------------------------------------ helpers
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def reset_peak(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated() / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (KiB -> GiB)
+
+    def autocast(self, scenario: Scenario):
+        if scenario.dtype == "bf16" and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def embeddings(self, n: int, dtype):
+        c = self.transformer.config
+        g = torch.Generator(device="cpu").manual_seed(n)
+        embeds = torch.randn(n, self.text_tokens, c.joint_attention_dim, generator=g).to(self.device, dtype)
+        pooled = torch.randn(n, c.pooled_projection_dim, generator=g).to(self.device, dtype)
+        return embeds, pooled
+
+    def timed(self, fn, repeats: int) -> float:
+        fn()  # warm-up (and compilation)
+        self.sync()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    # ------------------------------------------------------------------ phases
+    def sample(self, s: Scenario, model):
+        dtype = self.param_dtype(s)
+        embeds, pooled = self.embeddings(s.batch_size, dtype)
+        negative, negative_pooled = self.embeddings(s.batch_size, dtype)
+        if s.cfg == "batched":
+            self.pipe.transformer = model
+            out = self.pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative,
+                            negative_pooled_prompt_embeds=negative_pooled, num_inference_steps=s.steps, guidance_scale=4.5,
+                            height=self.resolution, width=self.resolution, output_type="latent")
+            return out.images
+        # split CFG: the same Euler sampler, conditional and unconditional passes as two forwards
+        self.scheduler.set_timesteps(s.steps, device=self.device)
+        c = self.transformer.config
+        latents = torch.randn(s.batch_size, c.in_channels, self.latent_size, self.latent_size, device=self.device, dtype=dtype)
+        with torch.no_grad():
+            for t in self.scheduler.timesteps:
+                timestep = t.expand(s.batch_size)
+                cond = model(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds,
+                             pooled_projections=pooled, return_dict=False)[0]
+                uncond = model(hidden_states=latents, timestep=timestep, encoder_hidden_states=negative,
+                               pooled_projections=negative_pooled, return_dict=False)[0]
+                latents = self.scheduler.step(uncond + 4.5 * (cond - uncond), t, latents).prev_sample
+        return latents
+
+    def param_dtype(self, s: Scenario):
+        return torch.bfloat16 if (s.dtype == "bf16" and self.device.type == "cuda") else torch.float32
+
+    def run(self, s: Scenario, repeats: int) -> dict:
+        from .sampling import decode_latents
+        from .trainer import adapters_disabled, fm_w2_loss_on_batch
+
+        dtype = self.param_dtype(s)
+        if self.vae.dtype != dtype:
+            self.transformer.to(dtype)
+            for p in self.transformer.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()  # LoRA stays fp32
+            self.vae.to(dtype)
+        if s.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        else:
+            self.transformer.disable_gradient_checkpointing()
+        model = torch.compile(self.transformer) if s.compile else self.transformer
+        attention = contextlib.nullcontext()
+        if s.attention == "math":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            attention = sdpa_kernel(SDPBackend.MATH)
+        result = {"scenario": s.name, **dataclasses.asdict(s)}
+        result["phases"] = list(s.phases)
+        peak_tflops = self.peak_tflops if s.dtype == "bf16" else None
+        fwd = self.flops["linear"] + self.flops["attention"]
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        with attention, self.autocast(s):
+            if "sample" in s.phases:
+                self.reset_peak()
+                seconds = self.timed(lambda: self.sample(s, model), repeats)
+                forwards = 2 * s.steps  # guidance 4.5: conditional and unconditional passes
+                result.update(sample_images_per_s=s.batch_size / seconds, sample_seconds=seconds, sample_peak_gb=self.peak_gb(),
+                              sample_tflops=forwards * fwd * s.batch_size / seconds / 1e12)
+                if peak_tflops:
+                    result["sample_mfu"] = result["sample_tflops"] / peak_tflops
+            if "decode" in s.phases or "reward" in s.phases:
+                latents = self.sample(s, model)
+            if "decode" in s.phases:
+                self.reset_peak()
+                seconds = self.timed(lambda: decode_latents(self.pipe, latents, s.batch_size), repeats)
+                result.update(decode_images_per_s=s.batch_size / seconds, decode_peak_gb=self.peak_gb())
+            if "reward" in s.phases:
+                images = decode_latents(self.pipe, latents, s.batch_size)
+                prompts = ["a photo of an astronaut riding a horse"] * s.batch_size
+                self.reset_peak()
+                seconds = self.timed(lambda: self.scorer.score(images, prompts), repeats)
+                result.update(reward_images_per_s=s.batch_size / seconds, reward_peak_gb=self.peak_gb())
+            if "train" in s.phases:
+                reference_model = None
+                if s.reference == "copy":
+                    from diffusers import SD3Transformer2DModel
+
+                    with self.device:
+                        reference_model = SD3Transformer2DModel(**self.transformer.config).to(dtype).requires_grad_(False)
+                reference = reference_model if reference_model is not None else adapters_disabled(self.transformer)
+                params = [p for p in self.transformer.parameters() if p.requires_grad]
+                optimizer = torch.optim.AdamW(params, lr=1e-6)
+                n = s.train_batch_size
+                c = self.transformer.config
+                g = torch.Generator().manual_seed(1)
+                x1 = torch.randn(n, c.in_channels, self.latent_size, self.latent_size, generator=g).to(self.device, dtype)
+                noise = torch.randn(x1.shape, generator=g).to(self.device, dtype)
+                t = torch.rand(n, generator=g).to(self.device)
+                embeds, pooled = self.embeddings(n, dtype)
+                advantages = torch.linspace(-1, 1, n, device=self.device)
+
+                def train_step():
+                    loss, _ = fm_w2_loss_on_batch(model, reference, x1, noise, t, embeds, pooled, advantages, 1.0 - advantages)
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+
+                self.reset_peak()
+                seconds = self.timed(train_step, repeats)
+                train_flops = 2 * fwd + self.flops["linear"] + 2 * self.flops["attention"]
+                result.update(train_samples_per_s=n / seconds, train_seconds=seconds, train_peak_gb=self.peak_gb(),
+                              train_tflops=train_flops * n / seconds / 1e12)
+                if peak_tflops:
+                    result["train_mfu"] = result["train_tflops"] / peak_tflops
+                del optimizer, reference_model
+        self.transformer.disable_gradient_checkpointing()
+        return result
+
+    def text_encoding_seconds(self, prompts: int, repeats: int) -> dict:
+        """What prompt caching saves: one encoding of ``prompts`` prompts with every text encoder."""
+        if not self.text_modules:
+            return {}
+        ids77 = torch.randint(0, 500, (prompts, 77), device=self.device)
+        ids_t5 = torch.randint(0, 500, (prompts, self.max_sequence_length), device=self.device)
+
+        @torch.no_grad()
+        def encode():
+            for module in self.text_modules:
+                module(input_ids=ids_t5 if module.__class__.__name__.startswith("T5") else ids77)
+
+        seconds = self.timed(encode, repeats)
+        gib = sum(p.numel() * p.element_size() for m in self.text_modules for p in m.parameters()) / 2**30
+        return {"text_encode_seconds": seconds, "text_encode_prompts": prompts, "text_encoder_gb": gib}
+
+    def free_text_encoders(self):
+        self.text_modules = []
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def method_overhead(bench: Bench, repeats: int) -> dict:
+    """Train-step time of ADRPO versus orw-cfm-w2, fixed-beta and raft on identical batches (CPU ratios)."""
+    from .losses import method_weights
+    from .trainer import adapters_disabled, fm_w2_loss_on_batch
+
+    dtype = torch.float32
+    s = Scenario("methods", dtype="fp32")
+    bench.run(Scenario("warm", dtype="fp32", phases=("train",)), 1)
+    n, c = s.train_batch_size, bench.transformer.config
+    g = torch.Generator().manual_seed(2)
+    x1 = torch.randn(n, c.in_channels, bench.latent_size, bench.latent_size, generator=g).to(bench.device, dtype)
+    noise, t = torch.randn(x1.shape, generator=g).to(bench.device, dtype), torch.rand(n, generator=g).to(bench.device)
+    embeds, pooled = bench.embeddings(n, dtype)
+    rewards, groups = torch.randn(n, generator=g), torch.arange(n) // 4
+    params = [p for p in bench.transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    seconds = {}
+    for method in ("adrpo", "orw-cfm-w2", "fixed-beta", "raft"):
+        w = method_weights(method, rewards, groups, raft_top_k=1)
+        reference = adapters_disabled(bench.transformer) if w.needs_reference else None
+
+        def step():
+            loss, _ = fm_w2_loss_on_batch(bench.transformer, reference, x1, noise, t, embeds, pooled, w.fm, w.w2)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        seconds[method] = bench.timed(step, repeats)
+    return {f"step_time_ratio_adrpo_over_{m}": seconds["adrpo"] / seconds[m] for m in seconds if m != "adrpo"} | {
+        f"step_seconds_{m}": v for m, v in seconds.items()}
+
+
+def reference_copy_memory(bench: Bench) -> dict:
+    """Parameter memory of the reference as disabled adapters (0 extra) versus a second transformer copy."""
+    base = [p for n, p in bench.transformer.named_parameters() if "lora_" not in n]
+    lora = [p for n, p in bench.transformer.named_parameters() if "lora_" in n]
+    return {"transformer_gb": sum(p.numel() * p.element_size() for p in base) / 2**30,
+            "lora_gb": sum(p.numel() * p.element_size() for p in lora) / 2**30,
+            "reference_copy_extra_gb": sum(p.numel() * p.element_size() for p in base) / 2**30,
+            "reference_adapters_extra_gb": 0.0}
+
+
+def markdown(results: list[dict]) -> str:
+    columns = [("scenario", "{}"), ("sample_images_per_s", "{:.2f}"), ("sample_mfu", "{:.1%}"), ("sample_peak_gb", "{:.1f}"),
+               ("decode_images_per_s", "{:.1f}"), ("reward_images_per_s", "{:.1f}"), ("train_samples_per_s", "{:.2f}"),
+               ("train_mfu", "{:.1%}"), ("train_peak_gb", "{:.1f}")]
+    lines = ["| " + " | ".join(c for c, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for r in results:
+        lines.append("| " + " | ".join(fmt.format(r[c]) if c in r else "-" for c, fmt in columns) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="adrpo-benchmark", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=["tiny", "sd3-medium"], default="tiny")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--resolution", type=int, default=None, help="default: 32 for tiny, 512 for sd3-medium")
+    parser.add_argument("--lora_rank", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--scenarios", default="all", help="comma-separated scenario names, or all")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="bf16 peak of the device for MFU (default: by name)")
+    parser.add_argument("--time_budget", type=float, default=float("inf"), help="skip remaining scenarios after this many seconds")
+    parser.add_argument("--output", default="benchmark.json")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    resolution = args.resolution or (32 if args.arch == "tiny" else 512)
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    bench = Bench(args.arch, args.device, resolution, args.lora_rank, text_encoders=True)
+    device_name = torch.cuda.get_device_name() if bench.device.type == "cuda" else "cpu"
+    bench.peak_tflops = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
+    report = {"device": device_name, "torch": torch.__version__, "arch": args.arch, "resolution": resolution,
+              "lora_rank": args.lora_rank, "image_tokens": bench.image_tokens, "text_tokens": bench.text_tokens,
+              "forward_gflops_per_image": (bench.flops["linear"] + bench.flops["attention"]) / 1e9,
+              "peak_tflops": bench.peak_tflops, "command": " ".join(["adrpo-benchmark", *(argv if argv is not None else sys.argv[1:])])}
+    print(json.dumps(report), flush=True)
+    report["text_encoding"] = bench.text_encoding_seconds(prompts=8, repeats=args.repeats)
+    bench.free_text_encoders()
+    report["memory"] = reference_copy_memory(bench)
+    if bench.device.type == "cpu":
+        report["methods"] = method_overhead(bench, args.repeats)
+    print(json.dumps({k: report[k] for k in ("text_encoding", "memory") + (("methods",) if "methods" in report else ())}), flush=True)
+    wanted = None if args.scenarios == "all" else set(args.scenarios.split(","))
+    results = []
+    for scenario in default_scenarios(bench.device.type):
+        if wanted is not None and scenario.name not in wanted:
+            continue
+        if time.perf_counter() - start > args.time_budget:
+            print(f"time budget spent: skipping {scenario.name}", flush=True)
+            continue
+        try:
+            results.append(bench.run(scenario, args.repeats))
+        except torch.OutOfMemoryError:
+            results.append({"scenario": scenario.name, "error": "out of memory"})
+        except Exception as err:  # one failing lever must not lose the others' numbers
+            results.append({"scenario": scenario.name, "error": f"{type(err).__name__}: {err}"[:500]})
+        if bench.device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(json.dumps(results[-1]), flush=True)
+        report["scenarios"] = results
+        Path(args.output).write_text(json.dumps(report, indent=2))  # after each scenario: nothing lost
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""Evaluation configuration: documented dataclasses, loaded from YAML with ``--key value`` overrides, validated
+(prompt files read, model sources and LoRA files found, metric names and scorer options checked) before any model
+loads."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..checkpoint import LORA_WEIGHTS_NAME
+from ..prompts import PromptFileError, load_prompts
+from ..scorers import available_scorers, check_scorer
+from .tiny import resolve_builtin_assets
+
+# Table 1 of the paper, in its column order.
+TABLE1_METRICS = ["clipscore", "clipdiversity", "aesthetic", "blipscore", "imagereward", "pickscore"]
+# Metrics that are not a registry scorer used as is: metric -> (scorer name, fixed scorer options).
+# ClipScore follows torchmetrics: 100 * max(cos, 0). ClipDiversity uses the CLIP scorer's image embeddings.
+DERIVED_METRICS = {"clipscore": ("clip", {"clamp_negative": True}), "clipdiversity": ("clip", {})}
+_NAME = re.compile(r"^[A-Za-z0-9][\w.+-]*$")  # model and prompt set names become directory names
+
+
+class EvalConfigError(ValueError):
+    pass
+
+
+def _required(help: str):
+    return field(metadata={"help": help})
+
+
+def _f(default, help: str):
+    """A field with an immutable default and its help text (mutable defaults use ``field(default_factory=...)``)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelSpec:
+    """One row of the table: a base pipeline, optionally with a LoRA, and its sampling settings."""
+
+    name: str = _required("Row label and directory name (letters, digits, . _ + -).")
+    base: str = _required("Hub id or local directory of a diffusers pipeline, or builtin:tiny-sd3.")
+    lora: str | None = _f(None, "Directory holding pytorch_lora_weights.safetensors (as adrpo-train writes).")
+    pipeline: str = _f("auto", "auto (DiffusionPipeline.from_pretrained picks the class) or a diffusers pipeline "
+                               "class name such as StableDiffusion3Pipeline, FluxPipeline, SanaPipeline.")
+    num_inference_steps: int = _f(28, "Sampler steps.")
+    guidance_scale: float = _f(7.0, "Guidance scale (classifier-free; FLUX.1-dev's is its distilled guidance).")
+    call_kwargs: dict = field(default_factory=dict, metadata={
+        "help": "Extra keyword arguments of the pipeline call, e.g. {max_sequence_length: 512}."})
+    load_kwargs: dict = field(default_factory=dict, metadata={
+        "help": "Extra keyword arguments of from_pretrained, e.g. {variant: fp16} or "
+                "{text_encoder_3: null, tokenizer_3: null} to load SD3 without T5."})
+    cpu_offload: bool = _f(False, "enable_model_cpu_offload(): each component on the GPU only while it runs.")
+
+
+@dataclass
+class PromptSet:
+    """A named prompt file."""
+
+    name: str = _required("Name in tables and directory names.")
+    file: str = _required("Prompt file (.txt, .csv/.tsv with a 'prompt' column, .jsonl). A CSV 'category' column "
+                         "(DrawBench's) gives a per-category breakdown.")
+
+
+@dataclass
+class EvalConfig:
+    """Everything an evaluation run needs; every field can be set in YAML or as ``--key value``."""
+
+    models: list = field(default_factory=list, metadata={
+        "help": "The models to compare (list of ModelSpec mappings); unused with images_dir."})
+    prompt_sets: list = field(default_factory=lambda: [{"name": "drawbench", "file": "prompts/drawbench.csv"},
+                                                       {"name": "styles", "file": "prompts/styles.txt"}],
+                              metadata={"help": "Prompt sets: list of {name, file}."})
+    max_prompts_per_set: int | None = _f(None, "Keep this many prompts of each set, evenly spaced through the file "
+                                               "(so DrawBench keeps every category); null: all.")
+    images_per_prompt: int = _f(4, "K: images per (model, seed, prompt); ClipDiversity compares these K images.")
+    seeds: list = field(default_factory=lambda: [0, 1, 2], metadata={
+        "help": "Evaluation seeds; mean and standard error are taken over seeds."})
+    resolution: int = _f(1024, "Image height and width in pixels.")
+    metrics: list = field(default_factory=lambda: list(TABLE1_METRICS), metadata={
+        "help": f"Metrics, all higher-is-better: {', '.join(TABLE1_METRICS)}, or any registered scorer name (e.g. hpsv2)."})
+    metric_options: dict = field(default_factory=dict, metadata={
+        "help": "Per-metric scorer options, e.g. {pickscore: {model: /models/PickScore_v1}}. "
+                "'builtin:tiny-scorers/<name>' names a tiny random asset built into the cache."})
+    reward_metric: str = _f("clipscore", "The y axis of reward_vs_diversity.png (x is clipdiversity).")
+    output_dir: str = _f("outputs/eval", "Images, score caches, tables and results.json go here.")
+    batch_size: int = _f(4, "Images generated per pipeline call.")
+    score_batch_size: int = _f(32, "Images scored per batch.")
+    device: str = _f("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    dtype: str = _f("auto", "Pipeline dtype: auto (bfloat16 on GPU, float32 on CPU), float32, float16, bfloat16.")
+    images_dir: str | None = _f(None, "Score the images in this folder instead of generating (each with a JSON "
+                                      "sidecar holding its prompt, or see images_prompts).")
+    images_prompts: str | None = _f(None, "With images_dir: a CSV with columns file (relative to images_dir) and "
+                                          "prompt; optional model, seed, prompt_set, category.")
+
+    def resolved_device(self) -> str:
+        import torch
+
+        return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+
+    def resolved_dtype(self):
+        import torch
+
+        if self.dtype == "auto":
+            return torch.float32 if self.resolved_device() == "cpu" else torch.bfloat16
+        return getattr(torch, self.dtype)
+
+
+@dataclass
+class PromptEntry:
+    """One prompt of a set: its index in the file (stable whatever max_prompts_per_set keeps) and category."""
+
+    prompt_set: str
+    index: int
+    prompt: str
+    category: str | None
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(EvalConfig)}
+_TEXT_FIELDS = {n for n, t in typing.get_type_hints(EvalConfig).items() if t in (str, str | None)}
+
+
+def _unknown_keys(keys, valid, where: str) -> str:
+    lines = []
+    for key in keys:
+        close = difflib.get_close_matches(str(key), valid, n=1)
+        lines.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"Unknown key(s) in {where}: {', '.join(lines)}. Valid keys: {', '.join(valid)}"
+
+
+def _check_type(where: str, value, kind) -> list[str]:
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return []
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return []
+    return [f"{where} must be {kind.__name__}, got {value!r}"]
+
+
+def _typed(cls, values: dict, where: str, problems: list[str]):
+    """``cls(**values)`` after checking keys and types; problems are appended, None returned when any."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(values, dict):
+        problems.append(f"{where} must be a mapping with keys {', '.join(fields)}, got {values!r}")
+        return None
+    unknown = [k for k in values if k not in fields]
+    if unknown:
+        problems.append(_unknown_keys(unknown, list(fields), where))
+        return None
+    hints = typing.get_type_hints(cls)
+    before = len(problems)
+    for key, value in values.items():
+        kind = hints[key]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            if value is None:
+                continue
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        problems += _check_type(f"{where}.{key}", value, kind)
+    for key, f in fields.items():
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and key not in values:
+            problems.append(f"{where} needs '{key}' ({f.metadata['help']})")
+    if len(problems) > before:
+        return None
+    converted = {k: float(v) if hints[k] is float else v for k, v in values.items()}
+    return cls(**converted)
+
+
+def load_eval_config(path: str | Path | None = None, overrides: dict | None = None) -> EvalConfig:
+    """Read a YAML file (if any), apply ``overrides`` on top, check keys and types, and validate."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise EvalConfigError(f"Config file {path} does not exist.")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise EvalConfigError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise EvalConfigError(f"{path} must hold a mapping of config keys to values.")
+        values.update(loaded)
+    values.update(overrides or {})
+    source = f"{path or 'no config file'}{', with command-line overrides' if overrides else ''}"
+    header = f"Invalid evaluation config ({source}):\n  "
+    problems: list[str] = []
+    cfg = _typed(EvalConfig, values, "config", problems)
+    if cfg is None:
+        raise EvalConfigError(header + "\n  ".join(problems))
+    cfg.models = [_typed(ModelSpec, m, f"models[{i}]", problems) for i, m in enumerate(cfg.models)]
+    cfg.prompt_sets = [_typed(PromptSet, s, f"prompt_sets[{i}]", problems) for i, s in enumerate(cfg.prompt_sets)]
+    if not problems:
+        problems = validate(cfg)
+    if problems:
+        raise EvalConfigError(header + "\n  ".join(problems))
+    cfg.metric_options = resolve_builtin_assets(cfg.metric_options)
+    return cfg
+
+
+def metric_scorer(metric: str, options: dict) -> tuple[str, dict]:
+    """The registry scorer name and options that compute ``metric``."""
+    name, fixed = DERIVED_METRICS.get(metric, (metric, {}))
+    return name, {**options, **fixed}
+
+
+def validate(cfg: EvalConfig) -> list[str]:
+    """Every check that needs no model weights; returns the list of problems."""
+    problems = []
+    valid_metrics = TABLE1_METRICS + [s for s in available_scorers() if s not in ("clip",)]
+    for metric in cfg.metrics:
+        if metric not in valid_metrics:
+            problems.append(f"Unknown metric {metric!r}; valid: {', '.join(valid_metrics)}")
+    if not cfg.metrics:
+        problems.append(f"metrics is empty; e.g. {TABLE1_METRICS}")
+    for metric, options in cfg.metric_options.items():  # options of metrics not in `metrics` are kept, unused
+        if metric not in valid_metrics:
+            problems.append(f"metric_options has an unknown metric {metric!r}; valid: {', '.join(valid_metrics)}")
+        elif not isinstance(options, dict):
+            problems.append(f"metric_options.{metric} must be a mapping of scorer options, got {options!r}")
+        else:
+            try:
+                check_scorer(*metric_scorer(metric, options))
+            except ValueError as err:
+                problems.append(f"metric_options.{metric}: {err}")
+    if cfg.reward_metric not in cfg.metrics:
+        problems.append(f"reward_metric {cfg.reward_metric!r} is not in metrics {cfg.metrics}")
+    for name in ("batch_size", "score_batch_size", "resolution", "images_per_prompt"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if "clipdiversity" in cfg.metrics and cfg.images_per_prompt < 2 and cfg.images_dir is None:
+        problems.append(f"clipdiversity compares the K images of a prompt: images_per_prompt must be >= 2, "
+                        f"got {cfg.images_per_prompt}")
+    if cfg.max_prompts_per_set is not None and cfg.max_prompts_per_set < 1:
+        problems.append(f"max_prompts_per_set must be >= 1 or null, got {cfg.max_prompts_per_set}")
+    if not cfg.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in cfg.seeds):
+        problems.append(f"seeds must be a non-empty list of integers, got {cfg.seeds}")
+    elif len(set(cfg.seeds)) != len(cfg.seeds):
+        problems.append(f"seeds has duplicates: {cfg.seeds}")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        problems.append(f"device must be auto, cpu, mps, cuda or cuda:N, got {cfg.device!r}")
+    elif cfg.device.startswith("cuda") and not _cuda_available():
+        problems.append(f"device is {cfg.device!r} but torch sees no CUDA GPU; use device: auto or cpu")
+    if cfg.dtype not in ("auto", "float32", "float16", "bfloat16"):
+        problems.append(f"dtype must be auto, float32, float16 or bfloat16, got {cfg.dtype!r}")
+    if cfg.images_dir is not None:
+        if not Path(cfg.images_dir).is_dir():
+            problems.append(f"images_dir {cfg.images_dir} is not a directory")
+        if cfg.images_prompts is not None and not Path(cfg.images_prompts).is_file():
+            problems.append(f"images_prompts {cfg.images_prompts} does not exist")
+        return problems
+    if cfg.images_prompts is not None:
+        problems.append("images_prompts is only used together with images_dir")
+    problems += _validate_models(cfg.models)
+    if not cfg.prompt_sets:
+        problems.append("prompt_sets is empty: give at least one {name, file}")
+    for name in _duplicates(s.name for s in cfg.prompt_sets):
+        problems.append(f"Two prompt sets are named {name!r}")
+    for prompt_set in cfg.prompt_sets:
+        if not _NAME.match(prompt_set.name):
+            problems.append(f"Prompt set name {prompt_set.name!r} must be letters, digits, . _ + - (a directory name)")
+        try:
+            load_prompts(prompt_set.file)
+        except PromptFileError as err:
+            problems.append(f"prompt set {prompt_set.name!r}: {err}")
+    return problems
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _duplicates(names) -> list[str]:
+    seen, repeated = set(), []
+    for name in names:
+        if name in seen:
+            repeated.append(name)
+        seen.add(name)
+    return repeated
+
+
+def _validate_models(models: list[ModelSpec]) -> list[str]:
+    from ..models import check_model_source
+
+    problems = [] if models else ["models is empty: name at least one model (or score a folder with images_dir)"]
+    for name in _duplicates(m.name for m in models):
+        problems.append(f"Two models are named {name!r}")
+    for model in models:
+        if not _NAME.match(model.name):
+            problems.append(f"Model name {model.name!r} must be letters, digits, . _ + - (it is a directory name)")
+        if model.num_inference_steps < 1:
+            problems.append(f"model {model.name!r}: num_inference_steps must be >= 1")
+        if model.pipeline != "auto" and not _is_pipeline_class(model.pipeline):
+            problems.append(f"model {model.name!r}: pipeline {model.pipeline!r} is not a diffusers pipeline class; "
+                            "use auto or a class name such as StableDiffusion3Pipeline, FluxPipeline, SanaPipeline")
+        try:
+            check_model_source(model.base)
+        except (FileNotFoundError, ValueError) as err:
+            problems.append(f"model {model.name!r}: base: {err}")
+        if model.lora is not None and not (Path(model.lora) / LORA_WEIGHTS_NAME).is_file():
+            problems.append(
+                f"model {model.name!r}: LoRA directory {model.lora} has no {LORA_WEIGHTS_NAME}. adrpo-train writes it "
+                f"into its output_dir when training ends (e.g. `adrpo-train --config configs/tiny_cpu.yaml` writes "
+                f"outputs/tiny-cpu); train first, or point lora at such a directory."
+            )
+    return problems
+
+
+def _is_pipeline_class(name: str) -> bool:
+    import diffusers
+
+    try:
+        cls = getattr(diffusers, name)
+    except (AttributeError, ImportError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)
+
+
+def load_prompt_set(prompt_set: PromptSet, max_prompts: int | None = None) -> list[PromptEntry]:
+    """The prompts of a set with their file index and category (a CSV/TSV ``category`` column, else None);
+    ``max_prompts`` keeps that many, evenly spaced through the file."""
+    import csv
+
+    path = Path(prompt_set.file)
+    prompts = load_prompts(path)
+    categories = [None] * len(prompts)
+    if path.suffix.lower() in (".csv", ".tsv"):
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        rows = [r for r in csv.DictReader(path.read_text(encoding="utf-8").splitlines(), delimiter=delimiter)
+                if (r["prompt"] or "").strip()]  # load_prompts drops the same empty rows
+        if "category" in rows[0]:
+            categories = [(r["category"] or "").strip() or None for r in rows]
+    indices = range(len(prompts))
+    if max_prompts is not None and max_prompts < len(prompts):
+        indices = [i * len(prompts) // max_prompts for i in range(max_prompts)]
+    return [PromptEntry(prompt_set.name, i, prompts[i], categories[i]) for i in indices]
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adrpo-evaluate", allow_abbrev=False,
+        description="Generate images with each model, score them with the Table 1 metrics, and write table1.md/.csv/"
+        ".tex, results.json and reward_vs_diversity.png. Every config key can be given as --key value (values are "
+        "parsed as YAML, e.g. --seeds '[0, 1]'). Score a folder of images made elsewhere with --images_dir DIR.",
+    )
+    parser.add_argument("--config", help="YAML config file (see configs/eval_*.yaml).")
+    for name, f in FIELDS.items():
+        parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="VALUE", help=f.metadata["help"])
+    return parser
+
+
+def eval_config_from_args(argv=None) -> EvalConfig:
+    args, unknown = build_arg_parser().parse_known_args(argv)
+    if unknown:
+        flags = [a.lstrip("-").split("=")[0] for a in unknown if a.startswith("--")]
+        raise EvalConfigError(_unknown_keys(flags or unknown, list(FIELDS), "the command line"))
+    overrides = {}
+    for name, raw in vars(args).items():
+        if name != "config":
+            overrides[name] = raw if name in _TEXT_FIELDS else yaml.safe_load(raw)
+    return load_eval_config(args.config, overrides)

@@ -1,0 +1,347 @@
+"""The Table 1 evaluator: statistics, table rendering, config errors, LoRA fit checks, and the CLI end to end on the
+tiny SD3 pipeline with tiny random scorers (generation, scoring, resume, undecodable images, a folder of images)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from adrpo_diffusion.checkpoint import LORA_WEIGHTS_NAME, export_lora
+from adrpo_diffusion.evaluation import generate
+from adrpo_diffusion.evaluation.aggregate import mean_and_se, summarize
+from adrpo_diffusion.evaluation.cli import evaluate_main
+from adrpo_diffusion.evaluation.config import EvalConfigError, load_eval_config
+from adrpo_diffusion.evaluation.generate import LoraMismatchError, file_sha1, load_lora_checked
+from adrpo_diffusion.evaluation.score import _cache_key
+from adrpo_diffusion.evaluation.tables import marks, render_csv, render_latex, render_markdown
+from adrpo_diffusion.models import add_lora
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "eval_tiny_cpu.yaml"
+METRICS = ["clipscore", "clipdiversity", "aesthetic", "blipscore", "imagereward", "pickscore"]
+# 3 prompts in 2 categories, K = 2 images each, 2 seeds, 2 models: 24 images.
+PROMPTS_CSV = "prompt,category\nA red colored car.,Colors\nA blue bird.,Colors\nThree cats on a mat.,Counting\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def test_standard_error_is_sample_std_of_seed_means_over_sqrt_n():
+    values = np.random.default_rng(0).normal(size=5)
+    mean, se = mean_and_se(values)
+    assert mean == pytest.approx(values.mean())
+    assert se == pytest.approx(np.std(values, ddof=1) / np.sqrt(5))
+    assert mean_and_se([2.5]) == (2.5, None)  # one seed: not available, not 0
+
+
+def test_summary_averages_prompts_within_each_seed_then_over_seeds():
+    # groups are (model, seed, prompt set, prompt index); seed 1 lacks a prompt (e.g. its images were unreadable)
+    values = {("m", 0, "a", 0): 1.0, ("m", 0, "a", 1): 3.0, ("m", 0, "b", 0): 8.0,
+              ("m", 1, "a", 0): 2.0, ("m", 1, "b", 0): 6.0}
+    summary = summarize(values)
+    assert summary["per_seed"] == {0: 4.0, 1: 4.0}
+    assert summary["mean"] == 4.0 and summary["se"] == 0.0 and summary["n_seeds"] == 2 and summary["n_prompts"] == 3
+    only_a = summarize(values, lambda g: g[2] == "a")
+    assert only_a["per_seed"] == {0: 2.0, 1: 2.0}
+    assert summarize(values, lambda g: g[2] == "c") is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def stat(mean):
+    return {"mean": mean, "se": 0.1}
+
+
+def test_marks_rank_distinct_printed_values_higher_is_better():
+    assert marks([stat(1.0), stat(3.0), stat(2.0), None], 2) == ["", "best", "second", ""]
+    assert marks([stat(3.0), stat(3.0), stat(2.0), stat(1.0)], 2) == ["best", "best", "second", ""]
+    # equal as printed (2 decimals): tied; the next distinct value is second
+    assert marks([stat(3.001), stat(3.004), stat(2.5)], 2) == ["best", "best", "second"]
+    assert marks([stat(-1.0), stat(-1.0)], 2) == ["best", "best"]  # all tied: all best, no second
+    assert marks([stat(-2.0), stat(-1.0)], 2) == ["second", "best"]
+
+
+def test_renderers_bold_best_underline_second_and_format_se():
+    rows = [
+        ("base_model", {"clipscore": {"mean": 31.234, "se": 0.0512, "n_seeds": 3},
+                        "pickscore": {"mean": 21.0, "se": None, "n_seeds": 1}}),
+        ("ours", {"clipscore": {"mean": 32.5, "se": 0.1, "n_seeds": 3}, "pickscore": None}),
+        ("other", {"clipscore": {"mean": 30.0, "se": 0.2, "n_seeds": 3},
+                   "pickscore": {"mean": 20.0, "se": 0.3, "n_seeds": 3}}),
+    ]
+    metrics = ["clipscore", "pickscore"]
+    markdown = render_markdown(rows, metrics)
+    assert "| Model | ClipScore ↑ | PickScore ↑ |" in markdown
+    assert "| base_model | <u>31.23 ± 0.05</u> | **21.00 ± n/a** |" in markdown
+    assert "| ours | **32.50 ± 0.10** | – |" in markdown
+    assert "| other | 30.00 ± 0.20 | <u>20.00 ± 0.30</u> |" in markdown
+
+    latex = render_latex(rows, metrics)
+    assert r"base\_model & \underline{31.23 $\pm$ 0.05} & \textbf{21.00 $\pm$ n/a} \\" in latex
+    assert r"ours & \textbf{32.50 $\pm$ 0.10} & – \\" in latex
+    assert latex.startswith(r"\begin{tabular}{lcc}") and r"\bottomrule" in latex
+
+    lines = render_csv(rows, metrics).splitlines()
+    assert lines[0] == "model,clipscore_mean,clipscore_se,clipscore_n_seeds,pickscore_mean,pickscore_se,pickscore_n_seeds"
+    assert lines[1] == "base_model,31.234,0.0512,3,21.0,,1"
+    assert lines[2] == "ours,32.5,0.1,3,,,"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config errors, before any model loads
+
+
+@pytest.fixture()
+def prompts_csv(tmp_path):
+    path = tmp_path / "prompts.csv"
+    path.write_text(PROMPTS_CSV)
+    return path
+
+
+def _config(prompts_csv, **overrides) -> dict:
+    values = {"models": [{"name": "tiny", "base": "builtin:tiny-sd3"}],
+              "prompt_sets": [{"name": "mini", "file": str(prompts_csv)}], "output_dir": str(prompts_csv.parent)}
+    return {**values, **overrides}
+
+
+def test_unknown_metric_and_unknown_keys_name_the_valid_ones(prompts_csv):
+    with pytest.raises(EvalConfigError, match=r"Unknown metric 'clipscor'; valid: clipscore, clipdiversity"):
+        load_eval_config(overrides=_config(prompts_csv, metrics=["clipscor"]))
+    with pytest.raises(EvalConfigError, match=r"'image_per_prompt' \(did you mean 'images_per_prompt'\?\)"):
+        load_eval_config(overrides=_config(prompts_csv, image_per_prompt=2))
+    models = [{"name": "tiny", "base": "builtin:tiny-sd3", "steps": 4}]
+    with pytest.raises(EvalConfigError, match=r"models\[0\]: 'steps'.*Valid keys: name, base, lora"):
+        load_eval_config(overrides=_config(prompts_csv, models=models))
+    with pytest.raises(EvalConfigError, match=r"metric_options.pickscore: Unknown option\(s\) \['modle'\]"):
+        load_eval_config(overrides=_config(prompts_csv, metric_options={"pickscore": {"modle": "x"}}))
+    with pytest.raises(EvalConfigError, match=r"images_per_prompt must be >= 2"):
+        load_eval_config(overrides=_config(prompts_csv, images_per_prompt=1))
+
+
+def test_empty_prompt_set_and_missing_lora_are_reported_together(prompts_csv, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n")
+    models = [{"name": "tuned", "base": "builtin:tiny-sd3", "lora": str(tmp_path / "no-lora")}]
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump(_config(prompts_csv, models=models,
+                                             prompt_sets=[{"name": "empty", "file": str(empty)}])))
+    assert evaluate_main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"prompt set 'empty': {empty} contains no prompts" in err
+    assert f"LoRA directory {tmp_path / 'no-lora'} has no {LORA_WEIGHTS_NAME}" in err
+    assert "adrpo-train --config configs/tiny_cpu.yaml" in err
+    assert not (tmp_path / "images").exists()  # failed before generating anything
+    with pytest.raises(EvalConfigError, match="prompt_sets is empty"):
+        load_eval_config(overrides=_config(prompts_csv, prompt_sets=[]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA fit
+
+
+def _export_random_lora(transformer, directory) -> Path:
+    """A LoRA with random (non-zero) A and B, so its effect on the images is visible."""
+    torch.manual_seed(0)
+    export_lora(transformer, add_lora(transformer, rank=4, alpha=4.0, init_weights=False), directory)
+    return Path(directory)
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tiny_sd3_dir, tmp_path_factory):
+    from diffusers import SD3Transformer2DModel
+
+    return _export_random_lora(SD3Transformer2DModel.from_pretrained(tiny_sd3_dir, subfolder="transformer"),
+                               tmp_path_factory.mktemp("lora"))
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # several adapters tried on one pipeline
+def test_mismatched_lora_is_an_error(tiny_pipe, tiny_lora, tmp_path):
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import load_file, save_file
+
+    # another architecture (attention width 48 instead of 32): the weights cannot load
+    wider = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                  attention_head_dim=24, num_attention_heads=2, joint_attention_dim=64,
+                                  caption_projection_dim=48, pooled_projection_dim=64, pos_embed_max_size=32)
+    with pytest.raises(LoraMismatchError, match=r"(?s)does not fit builtin:tiny-sd3.*size mismatch"):
+        load_lora_checked(tiny_pipe, str(_export_random_lora(wider, tmp_path / "wider")), "builtin:tiny-sd3")
+
+    # keys naming layers the model lacks: diffusers only warns and loads the rest (or nothing)
+    state = load_file(str(tiny_lora / LORA_WEIGHTS_NAME))
+    for name, rename in (("missing-block", lambda k: k.replace("blocks.1.", "blocks.7.")),
+                         ("other-prefix", lambda k: k.replace("transformer.", "unet.", 1))):
+        (tmp_path / name).mkdir()
+        save_file({rename(k): v for k, v in state.items()}, str(tmp_path / name / LORA_WEIGHTS_NAME))
+        with pytest.raises(LoraMismatchError, match=r"has 15 LoRA layers but only \d+ matched"):
+            load_lora_checked(tiny_pipe, str(tmp_path / name), "builtin:tiny-sd3", adapter_name=name.replace("-", "_"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CLI end to end
+
+
+def _argv(output_dir, prompts_csv, lora, **extra) -> list[str]:
+    sampling = {"num_inference_steps": 4, "guidance_scale": 1.0, "call_kwargs": {"max_sequence_length": 8}}
+    models = [{"name": "tiny", "base": "builtin:tiny-sd3", **sampling},
+              {"name": "tiny+lora", "base": "builtin:tiny-sd3", "lora": str(lora), **sampling}]
+    overrides = {"output_dir": str(output_dir), "models": models,
+                 "prompt_sets": [{"name": "mini", "file": str(prompts_csv)}],
+                 "images_per_prompt": 2, "seeds": [0, 1], "batch_size": 8, **extra}
+    argv = ["--config", str(TINY_CONFIG)]
+    for key, value in overrides.items():
+        argv += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, tiny_lora):
+    """One complete evaluation (all six metrics), shared read-only; tests that change it work on a copy."""
+    root = tmp_path_factory.mktemp("eval")
+    prompts_csv = root / "prompts.csv"
+    prompts_csv.write_text(PROMPTS_CSV)
+    assert evaluate_main(_argv(root / "out", prompts_csv, tiny_lora)) == 0
+    return root / "out", prompts_csv
+
+
+def _results(output_dir) -> dict:
+    return json.loads((Path(output_dir) / "results.json").read_text())
+
+
+def test_cli_writes_every_output(evaluated):
+    out, _ = evaluated
+    for name in ("table1.md", "table1.csv", "table1.tex", "results.json", "reward_vs_diversity.png"):
+        assert (out / name).is_file(), name
+    assert Image.open(out / "reward_vs_diversity.png").size[0] > 100
+    results = _results(out)
+    assert list(results["models"]) == ["tiny", "tiny+lora"] and results["failed_images"] == []
+    for model in ("tiny", "tiny+lora"):
+        entry = results["models"][model]
+        assert entry["images"] == 12 and entry["failed_images"] == 0
+        for metric in METRICS:
+            summary = entry["metrics"][metric]
+            per_seed = list(summary["per_seed"].values())
+            assert summary["n_seeds"] == 2 and summary["n_prompts"] == 3
+            assert summary["mean"] == pytest.approx(np.mean(per_seed))
+            assert summary["se"] == pytest.approx(np.std(per_seed, ddof=1) / np.sqrt(2))
+            assert set(summary["per_category"]) == {"mini/Colors", "mini/Counting"}
+            assert summary["per_prompt"]["mini/2"]["prompt"] == "Three cats on a mat."
+    markdown = (out / "table1.md").read_text()
+    assert "| tiny+lora |" in markdown and "## Category: mini/Counting" in markdown
+    assert (out / "table1.csv").read_text().startswith("model,clipscore_mean,clipscore_se,clipscore_n_seeds,")
+
+    images = sorted((out / "images").rglob("*.png"))
+    assert len(images) == 24 and (out / "images" / "tiny+lora" / "1" / "mini" / "0002_1.png") in images
+    record = json.loads((out / "images" / "tiny+lora" / "1" / "mini" / "0002_1.json").read_text())
+    assert record["prompt"] == "Three cats on a mat." and record["category"] == "Counting" and record["k"] == 1
+    assert record["settings"]["lora_sha1"] and record["settings"]["num_inference_steps"] == 4
+    # same seeds, with and without the LoRA: the LoRA is applied
+    base = np.asarray(Image.open(out / "images" / "tiny" / "0" / "mini" / "0000_0.png"), dtype=float)
+    tuned = np.asarray(Image.open(out / "images" / "tiny+lora" / "0" / "mini" / "0000_0.png"), dtype=float)
+    assert np.abs(base - tuned).mean() > 1.0
+
+
+def test_rerun_regenerates_and_rescores_only_what_is_missing(evaluated, tmp_path, tiny_lora, monkeypatch):
+    from adrpo_diffusion.scorers.base import Scorer
+    from adrpo_diffusion.scorers.clip import ClipScorer
+
+    source, prompts_csv = evaluated
+    out = tmp_path / "out"
+    shutil.copytree(source, out)  # copy2 keeps the modification times
+    deleted = [out / "images" / "tiny" / "1" / "mini" / "0001_0.png", out / "images" / "tiny+lora" / "0" / "mini" / "0002_1.png"]
+    for path in deleted:
+        path.unlink()
+    (out / "scores" / "pickscore.json").unlink()
+    kept = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
+
+    generated, scored = [], {}
+    run_pipeline = generate.run_pipeline
+    monkeypatch.setattr(generate, "run_pipeline",
+                        lambda pipe, model, resolution, batch: generated.extend(r.path for r in batch)
+                        or run_pipeline(pipe, model, resolution, batch))
+    score, embed = Scorer.score, ClipScorer.image_embeddings
+
+    def counting_score(self, images, prompts):
+        scored[type(self).__name__] = scored.get(type(self).__name__, 0) + len(prompts)
+        return score(self, images, prompts)
+
+    def counting_embeddings(self, images):
+        scored["embeddings"] = scored.get("embeddings", 0) + len(images)
+        return embed(self, images)
+
+    monkeypatch.setattr(Scorer, "score", counting_score)
+    monkeypatch.setattr(ClipScorer, "image_embeddings", counting_embeddings)
+    assert evaluate_main(_argv(out, prompts_csv, tiny_lora)) == 0
+
+    assert sorted(generated) == sorted(str(p.relative_to(out / "images")) for p in deleted)
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in kept.items())  # the other images were not rewritten
+    assert all(p.is_file() for p in deleted)
+    assert scored["PickScoreScorer"] == 24  # its cache was deleted: everything rescored
+    # the others: at most the two regenerated images (none when they came back bit-identical)
+    assert all(count <= 2 for name, count in scored.items() if name != "PickScoreScorer")
+    assert scored.get("embeddings", 0) <= 2 * 2  # ClipDiversity: the two groups of the regenerated images
+    before, after = _results(source), _results(out)
+    for metric in METRICS:
+        assert after["models"]["tiny"]["metrics"][metric]["mean"] == pytest.approx(
+            before["models"]["tiny"]["metrics"][metric]["mean"], rel=1e-4, abs=1e-6)
+
+
+def test_undecodable_image_is_reported_counted_and_left_out(evaluated, tmp_path, tiny_lora, capsys):
+    source, prompts_csv = evaluated
+    out = tmp_path / "out"
+    shutil.copytree(source, out)
+    broken = out / "images" / "tiny" / "0" / "mini" / "0001_0.png"
+    broken.write_bytes(broken.read_bytes()[:40])  # a truncated PNG; its record still says it is done
+
+    assert evaluate_main(_argv(out, prompts_csv, tiny_lora)) == 0
+    assert "1 image(s) could not be decoded" in capsys.readouterr().err
+    results = _results(out)
+    assert [f["path"] for f in results["failed_images"]] == ["tiny/0/mini/0001_0.png"]
+    assert results["models"]["tiny"]["failed_images"] == 1 and results["models"]["tiny+lora"]["failed_images"] == 0
+    assert "Images that could not be decoded, left out:** tiny: 1 of 12" in (out / "table1.md").read_text()
+
+    # the prompt's value for seed 0 is the score of its other image, not a mean with a zero
+    other = out / "images" / "tiny" / "0" / "mini" / "0001_1.png"
+    prompt = "A blue bird."
+    for metric in ("clipscore", "aesthetic", "pickscore"):
+        cached = json.loads((out / "scores" / f"{metric}.json").read_text())["values"]
+        value = results["models"]["tiny"]["metrics"][metric]["per_prompt"]["mini/1"]["per_seed"]["0"]
+        assert value == pytest.approx(cached[_cache_key(file_sha1(other), prompt)])
+    # ClipDiversity needs two images: that group has no value, and says so
+    diversity = results["models"]["tiny"]["metrics"]["clipdiversity"]
+    assert diversity["groups_without_value"] == 1 and "0" not in diversity["per_prompt"]["mini/1"]["per_seed"]
+
+
+def test_scoring_a_folder_of_images(evaluated, tmp_path):
+    source, _ = evaluated
+    # the generator's own records are sidecars: rescoring its folder gives the same numbers
+    assert evaluate_main(["--config", str(TINY_CONFIG), "--images_dir", str(source / "images"),
+                          "--output_dir", str(tmp_path / "sidecars"), "--metrics", "[clipscore, clipdiversity]"]) == 0
+    again, before = _results(tmp_path / "sidecars"), _results(source)
+    for metric in ("clipscore", "clipdiversity"):
+        assert again["models"]["tiny+lora"]["metrics"][metric]["mean"] == pytest.approx(
+            before["models"]["tiny+lora"]["metrics"][metric]["mean"], rel=1e-6)
+
+    # a folder made elsewhere, prompts from a CSV; one seed, so no standard error
+    folder = tmp_path / "made-elsewhere"
+    folder.mkdir()
+    rows = ["file,prompt"]
+    for index, path in enumerate(sorted((source / "images" / "tiny" / "0" / "mini").glob("*.png"))):
+        shutil.copy(path, folder / f"image{index}.png")
+        rows.append(f"image{index}.png,{json.loads(path.with_suffix('.json').read_text())['prompt']}")
+    (folder / "prompts.csv").write_text("\n".join(rows) + "\n")
+    assert evaluate_main(["--config", str(TINY_CONFIG), "--images_dir", str(folder), "--images_prompts",
+                          str(folder / "prompts.csv"), "--output_dir", str(tmp_path / "csv"),
+                          "--metrics", "[clipscore, clipdiversity]"]) == 0
+    results = _results(tmp_path / "csv")
+    summary = results["models"]["made-elsewhere"]["metrics"]["clipscore"]
+    assert summary["n_prompts"] == 3 and summary["se"] is None
+    assert summary["mean"] == pytest.approx(before["models"]["tiny"]["metrics"]["clipscore"]["per_seed"]["0"])
+    assert "± n/a" in (tmp_path / "csv" / "table1.md").read_text()
