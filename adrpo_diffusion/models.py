@@ -29,11 +29,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ADRPO_CACHE", Path.home() / ".cache" / "adrpo_diffusion"))
 
 
-def check_model_source(name_or_path: str) -> None:
+def check_model_source(name_or_path: str, option: str = "--pretrained_model") -> None:
     """Fail fast, before anything heavy loads, if ``name_or_path`` cannot be loaded.
 
     Accepts a ``builtin:`` name, a local pipeline directory (with ``model_index.json``), or a hub id that is
-    either cached or reachable.
+    either cached or reachable. ``option`` is how the user passes the model, for the error message.
     """
     if name_or_path.startswith(BUILTIN_PREFIX):
         if name_or_path != TINY_SD3:
@@ -47,10 +47,10 @@ def check_model_source(name_or_path: str) -> None:
                 "(the output of pipeline.save_pretrained or a downloaded hub snapshot)."
             )
         return
+    local = "/models/" + name_or_path.rstrip("/").split("/")[-1]
     offline_hint = (
-        "To use a local copy, pass its directory, e.g. --pretrained_model /models/stable-diffusion-3-medium-diffusers "
-        "(download it once with `huggingface-cli download stabilityai/stable-diffusion-3-medium-diffusers "
-        "--local-dir /models/stable-diffusion-3-medium-diffusers`)."
+        f"To use a local copy, pass its directory, e.g. {option} {local} (download it once, where there is "
+        f"network, with `huggingface-cli download {name_or_path} --local-dir {local}`)."
     )
     if not _HUB_ID.match(name_or_path):
         raise FileNotFoundError(f"Model {name_or_path!r} is neither a local directory nor a hub id (owner/name). {offline_hint}")

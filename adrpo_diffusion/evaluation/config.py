@@ -300,7 +300,7 @@ def _validate_models(models: list[ModelSpec]) -> list[str]:
             problems.append(f"model {model.name!r}: pipeline {model.pipeline!r} is not a diffusers pipeline class; "
                             "use auto or a class name such as StableDiffusion3Pipeline, FluxPipeline, SanaPipeline")
         try:
-            check_model_source(model.base)
+            check_model_source(model.base, option=f"models[{model.name}].base:")
         except (FileNotFoundError, ValueError) as err:
             problems.append(f"model {model.name!r}: base: {err}")
         if model.lora is not None and not (Path(model.lora) / LORA_WEIGHTS_NAME).is_file():
