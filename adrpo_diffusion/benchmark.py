@@ -378,9 +378,8 @@ def method_overhead(bench: Bench, repeats: int) -> dict:
     from .trainer import adapters_disabled, fm_w2_loss_on_batch
 
     dtype = torch.float32
-    s = Scenario("methods", dtype="fp32")
-    bench.run(Scenario("warm", dtype="fp32", phases=("train",)), 1)
-    n, c = s.train_batch_size, bench.transformer.config
+    bench.run(Scenario("warm-up", dtype="fp32", phases=("train",)), 1)  # also puts the models in fp32
+    n, c = 8, bench.transformer.config
     g = torch.Generator().manual_seed(2)
     x1 = torch.randn(n, c.in_channels, bench.latent_size, bench.latent_size, generator=g).to(bench.device, dtype)
     noise, t = torch.randn(x1.shape, generator=g).to(bench.device, dtype), torch.rand(n, generator=g).to(bench.device)
@@ -388,18 +387,24 @@ def method_overhead(bench: Bench, repeats: int) -> dict:
     rewards, groups = torch.randn(n, generator=g), torch.arange(n) // 4
     params = [p for p in bench.transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6)
-    seconds = {}
+    steps = {}
     for method in ("adrpo", "orw-cfm-w2", "fixed-beta", "raft"):
         w = method_weights(method, rewards, groups, raft_top_k=1)
         reference = adapters_disabled(bench.transformer) if w.needs_reference else None
 
-        def step():
+        def step(reference=reference, w=w):
             loss, _ = fm_w2_loss_on_batch(bench.transformer, reference, x1, noise, t, embeds, pooled, w.fm, w.w2)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        seconds[method] = bench.timed(step, repeats)
+        steps[method] = step
+    # interleaved rounds, so that load from elsewhere on the machine hits every method alike
+    times = {method: [] for method in steps}
+    for _ in range(max(repeats, 5)):
+        for method, step in steps.items():
+            times[method].append(bench.timed(step, 1))
+    seconds = {method: statistics.median(values) for method, values in times.items()}
     return {f"step_time_ratio_adrpo_over_{m}": seconds["adrpo"] / seconds[m] for m in seconds if m != "adrpo"} | {
         f"step_seconds_{m}": v for m, v in seconds.items()}
 

@@ -2,7 +2,9 @@
 
 Every model is loaded through ``StableDiffusion3Pipeline.from_pretrained`` with a hub id or a local
 directory. The tiny pipeline (``builtin:tiny-sd3``) is built from configs with random weights, saved with
-``save_pretrained`` into a cache directory, and loaded back through that same path.
+``save_pretrained`` into a cache directory, and loaded back through that same path. ``builtin:tiny-sd3-shapes``
+is a tiny pipeline pre-trained on the coloured-shapes data of the method lab (:mod:`adrpo_diffusion.lab.pretrain`),
+cached the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch
 
 BUILTIN_PREFIX = "builtin:"
 TINY_SD3 = "builtin:tiny-sd3"
+TINY_SD3_SHAPES = "builtin:tiny-sd3-shapes"
+BUILTIN_MODELS = (TINY_SD3, TINY_SD3_SHAPES)
 DEFAULT_LORA_TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0",  # image-stream attention
     "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",  # text-stream (context) attention
@@ -36,8 +40,8 @@ def check_model_source(name_or_path: str, option: str = "--pretrained_model") ->
     either cached or reachable. ``option`` is how the user passes the model, for the error message.
     """
     if name_or_path.startswith(BUILTIN_PREFIX):
-        if name_or_path != TINY_SD3:
-            raise ValueError(f"Unknown built-in model {name_or_path!r}; the built-in model is {TINY_SD3!r}.")
+        if name_or_path not in BUILTIN_MODELS:
+            raise ValueError(f"Unknown built-in model {name_or_path!r}; the built-in models are {', '.join(BUILTIN_MODELS)}.")
         return
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -76,6 +80,13 @@ def resolve_model_path(name_or_path: str) -> str:
         target = cache_dir() / "tiny-sd3"
         if not (target / "model_index.json").is_file():
             build_tiny_sd3(target)
+        return str(target)
+    if name_or_path == TINY_SD3_SHAPES:
+        from .lab.pretrain import build_tiny_sd3_shapes
+
+        target = cache_dir() / "tiny-sd3-shapes"
+        if not (target / "model_index.json").is_file():
+            build_tiny_sd3_shapes(target)
         return str(target)
     return name_or_path
 
@@ -142,14 +153,15 @@ def _blocks_batch(n: int, generator: torch.Generator, size: int = 32) -> torch.T
     return images * 2 - 1
 
 
-def _fit_tiny_vae(vae, steps: int = 150, batch_size: int = 16, seed: int = 0) -> None:
-    """Briefly train the tiny VAE to reconstruct coloured blocks (~10 s on a CPU), then set SD3's latent
-    scale and shift from its latent statistics. A randomly initialised decoder's GroupNorms wash out the
-    latents' colour information, leaving a reward almost nothing that a fine-tuned transformer can change."""
+def _fit_tiny_vae(vae, steps: int = 150, batch_size: int = 16, seed: int = 0, batches=_blocks_batch) -> None:
+    """Briefly train the tiny VAE to reconstruct images of ``batches(n, generator)`` (in [-1, 1]; coloured blocks
+    by default, ~10 s on a CPU), then set SD3's latent scale and shift from its latent statistics. A randomly
+    initialised decoder's GroupNorms wash out the latents' colour information, leaving a reward almost nothing
+    that a fine-tuned transformer can change."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
     for _ in range(steps):
-        images = _blocks_batch(batch_size, generator)
+        images = batches(batch_size, generator)
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample(generator=generator)).sample
         loss = (reconstruction - images).pow(2).mean() + 1e-4 * posterior.kl().mean()
@@ -157,7 +169,7 @@ def _fit_tiny_vae(vae, steps: int = 150, batch_size: int = 16, seed: int = 0) ->
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        latents = vae.encode(_blocks_batch(256, generator)).latent_dist.mean
+        latents = vae.encode(batches(256, generator)).latent_dist.mean
     vae.register_to_config(shift_factor=round(latents.mean().item(), 4), scaling_factor=round(1 / latents.std().item(), 4))
     vae.requires_grad_(False)
 
@@ -167,13 +179,12 @@ def build_tiny_sd3(target: str | os.PathLike, seed: int = 0) -> Path:
 
     32x32 images, a VAE with 4 latent channels (16x16 latents) briefly fitted to coloured blocks, a 2-block
     transformer (random) and two 32-wide CLIP text encoders (random) with a character-level tokenizer; no T5
-    (the pipeline then feeds zeros, as SD3 does when ``text_encoder_3`` is dropped). Written to a temporary directory and renamed, so an
-    interrupted build never leaves a half-written model behind.
+    (the pipeline then feeds zeros, as SD3 does when ``text_encoder_3`` is dropped). Saved with
+    :func:`save_pipeline_atomically`.
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    target = Path(target)
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
         sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
@@ -195,17 +206,23 @@ def build_tiny_sd3(target: str | os.PathLike, seed: int = 0) -> Path:
         )
         text_encoders.append(CLIPTextModelWithProjection(text_config))
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    tokenizer = _char_tokenizer()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae,
+        text_encoder=text_encoders[0], tokenizer=tokenizer,
+        text_encoder_2=text_encoders[1], tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None,
+    )
+    return save_pipeline_atomically(pipe, target)
 
+
+def save_pipeline_atomically(pipe, target: str | os.PathLike) -> Path:
+    """``pipe.save_pretrained`` into a temporary directory next to ``target``, then one rename: an interrupted
+    build never leaves a half-written model behind."""
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
-        tokenizer = _char_tokenizer()
-        pipe = StableDiffusion3Pipeline(
-            transformer=transformer, scheduler=scheduler, vae=vae,
-            text_encoder=text_encoders[0], tokenizer=tokenizer,
-            text_encoder_2=text_encoders[1], tokenizer_2=tokenizer,
-            text_encoder_3=None, tokenizer_3=None,
-        )
         pipe.save_pretrained(tmp / "pipeline")
         if target.exists():
             shutil.rmtree(target)

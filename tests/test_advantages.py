@@ -44,7 +44,8 @@ def _worker(rank, world, port, global_rewards, groups, queue):
     local_rewards = global_rewards[rank * n : (rank + 1) * n].clone()
     # what the trainer does: gather every process's rewards, weight the whole batch, keep this slice
     weights = method_weights("adrpo", gather(local_rewards), groups, clip_range=(-1.0, 1.0), beta0=1.0)
-    queue.put((rank, local_slice(weights.fm, state.process_index, n)))
+    # plain floats: a tensor would be shared through a file descriptor that dies with this process
+    queue.put((rank, local_slice(weights.fm, state.process_index, n).tolist()))
     state.wait_for_everyone()
     state.destroy_process_group()
 
@@ -66,7 +67,7 @@ def test_groups_split_across_processes_see_their_whole_group():
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    got = torch.cat([results[r] for r in range(world)])
+    got = torch.tensor([value for r in range(world) for value in results[r]])
     assert torch.allclose(got, expected)
     # a per-process baseline would have been wrong for the split group:
     per_process = torch.cat([group_advantages(rewards[:6], groups[:6], (-1.0, 1.0)),

@@ -48,6 +48,6 @@ def build_scorer(name: str, **options) -> Scorer:
 
 
 # Built-in scorers register themselves on import.
-from . import clip, color, aesthetic, hpsv2, pickscore, blip  # noqa: E402,F401
+from . import clip, color, aesthetic, hpsv2, pickscore, blip, shapes  # noqa: E402,F401
 
 __all__ = ["Scorer", "available_scorers", "build_scorer", "check_scorer", "register_scorer", "to_image_tensor"]
