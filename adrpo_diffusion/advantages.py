@@ -27,7 +27,8 @@ def group_advantages(
 ) -> torch.Tensor:
     """``A = R - mean of R over the same group``, clipped to ``clip_range`` (``None``: unclipped)."""
     if rewards.ndim != 1 or rewards.shape != group_ids.shape:
-        raise ValueError(f"rewards and group_ids must be 1-D of equal length, got {tuple(rewards.shape)} and {tuple(group_ids.shape)}")
+        raise ValueError(f"rewards and group_ids must be 1-D of equal length, got {tuple(rewards.shape)} "
+                         f"and {tuple(group_ids.shape)}")
     advantages = rewards - group_means(rewards, group_ids)
     if clip_range is not None:
         advantages = advantages.clamp(min=clip_range[0], max=clip_range[1])

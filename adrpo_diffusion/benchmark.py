@@ -122,7 +122,12 @@ class Bench:
     """The models of one benchmark run, built once and shared by the scenarios."""
 
     def __init__(self, arch: str, device: str, resolution: int, lora_rank: int, text_encoders: bool):
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+        from diffusers import (
+            AutoencoderKL,
+            FlowMatchEulerDiscreteScheduler,
+            SD3Transformer2DModel,
+            StableDiffusion3Pipeline,
+        )
 
         from .models import TINY_SD3, add_lora, load_sd3_pipeline
 
@@ -167,8 +172,9 @@ class Bench:
         with self.device:
             clip_l = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                                                 num_attention_heads=12, projection_dim=768)).to(dtype)
-            clip_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                                                                num_attention_heads=20, projection_dim=1280, hidden_act="gelu")).to(dtype)
+            clip_g = CLIPTextModelWithProjection(CLIPTextConfig(
+                hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280,
+                hidden_act="gelu")).to(dtype)
             t5 = T5EncoderModel(T5Config(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
                                          feed_forward_proj="gated-gelu", is_encoder_decoder=False)).to(dtype)
         return [m.eval().requires_grad_(False) for m in (clip_l, clip_g, t5)]
@@ -181,7 +187,8 @@ class Bench:
         from .scorers.clip import ClipScorer
 
         if self.arch == "tiny":
-            vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+            vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                          patch_size=8)
             text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
             size, projection = 32, 16
         else:
@@ -438,7 +445,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scenarios", default="all", help="comma-separated scenario names, or all")
     parser.add_argument("--peak_tflops", type=float, default=None, help="bf16 peak of the device for MFU (default: by name)")
-    parser.add_argument("--time_budget", type=float, default=float("inf"), help="skip remaining scenarios after this many seconds")
+    parser.add_argument("--time_budget", type=float, default=float("inf"),
+                        help="skip the remaining scenarios after this many seconds")
     parser.add_argument("--output", default="benchmark.json")
     args = parser.parse_args(argv)
 
@@ -453,14 +461,15 @@ def main(argv=None) -> int:
     report = {"device": device_name, "torch": torch.__version__, "arch": args.arch, "resolution": resolution,
               "lora_rank": args.lora_rank, "image_tokens": bench.image_tokens, "text_tokens": bench.text_tokens,
               "forward_gflops_per_image": (bench.flops["linear"] + bench.flops["attention"]) / 1e9,
-              "peak_tflops": bench.peak_tflops, "command": " ".join(["adrpo-benchmark", *(argv if argv is not None else sys.argv[1:])])}
+              "peak_tflops": bench.peak_tflops,
+              "command": " ".join(["adrpo-benchmark", *(argv if argv is not None else sys.argv[1:])])}
     print(json.dumps(report), flush=True)
     report["text_encoding"] = bench.text_encoding_seconds(prompts=8, repeats=args.repeats)
     bench.free_text_encoders()
     report["memory"] = reference_copy_memory(bench)
     if bench.device.type == "cpu":
         report["methods"] = method_overhead(bench, args.repeats)
-    print(json.dumps({k: report[k] for k in ("text_encoding", "memory") + (("methods",) if "methods" in report else ())}), flush=True)
+    print(json.dumps({k: report[k] for k in ("text_encoding", "memory", "methods") if k in report}), flush=True)
     wanted = None if args.scenarios == "all" else set(args.scenarios.split(","))
     results = []
     for scenario in default_scenarios(bench.device.type):

@@ -73,7 +73,7 @@ class TrainConfig:
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
     use_8bit_adam: bool = _f(False, "bitsandbytes' 8-bit AdamW (needs bitsandbytes and a GPU).")
     max_grad_norm: float = _f(1.0, "Gradient clipping (0 disables).")
-    lr_scheduler: str = _f("constant", "diffusers.optimization scheduler name (constant, constant_with_warmup, cosine, linear, ...).")
+    lr_scheduler: str = _f("constant", "diffusers.optimization scheduler: constant, constant_with_warmup, cosine, linear, ...")
     lr_warmup_steps: int = _f(0, "Warm-up steps of the LR scheduler.")
     # --- run
     output_dir: str = _f("outputs/adrpo-sd3", "Where LoRA weights, checkpoints, metrics and samples go.")
@@ -81,7 +81,7 @@ class TrainConfig:
     seed: int = _f(0, "Seed of every random draw (prompts, rollouts, noise, t).")
     checkpointing_steps: int = _f(100, "Write a resumable checkpoint every N steps (0: only at the end).")
     checkpoints_total_limit: int = _f(3, "Keep the newest N checkpoints (0: keep all).")
-    resume_from_checkpoint: typing.Optional[str] = _f(None, "latest, or a checkpoints/step-N directory.")
+    resume_from_checkpoint: str | None = _f(None, "latest, or a checkpoints/step-N directory.")
     sample_every: int = _f(100, "Save a grid of held-out samples every N steps (0: never).")
     eval_prompts: int = _f(8, "Prompts for the held-out reward printed before and after training.")
     eval_seeds: list = _f([1000, 1001], "Held-out seeds (never used in training) for that reward.")

@@ -136,7 +136,8 @@ def flow_matching_pair(
     return x_sigma, sigma * 1000.0, noise - x1
 
 
-def sample_times(n: int, scheme: str, generator: torch.Generator | None = None, logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
+def sample_times(n: int, scheme: str, generator: torch.Generator | None = None, logit_mean: float = 0.0,
+                 logit_std: float = 1.0) -> torch.Tensor:
     """Draw ``t`` in (0, 1): ``uniform`` (the paper) or ``logit_normal`` (``t = sigmoid(N(m, s))``, as SD3
     pre-training)."""
     if scheme == "uniform":

@@ -69,7 +69,9 @@ def check_model_source(name_or_path: str, option: str = "--pretrained_model") ->
     try:
         found = file_exists(name_or_path, "model_index.json")
     except Exception as err:  # network down, gated repo without a token, ...
-        raise FileNotFoundError(f"Cannot reach {name_or_path!r} on the hub ({type(err).__name__}: {err}). {offline_hint}") from err
+        raise FileNotFoundError(
+            f"Cannot reach {name_or_path!r} on the hub ({type(err).__name__}: {err}). {offline_hint}"
+        ) from err
     if not found:
         raise FileNotFoundError(f"{name_or_path!r} has no model_index.json on the hub: not a diffusers pipeline. {offline_hint}")
 
@@ -182,7 +184,12 @@ def build_tiny_sd3(target: str | os.PathLike, seed: int = 0) -> Path:
     (the pipeline then feeds zeros, as SD3 does when ``text_encoder_3`` is dropped). Saved with
     :func:`save_pipeline_atomically`.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)

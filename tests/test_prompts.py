@@ -8,7 +8,8 @@ from adrpo_diffusion.prompts import PromptFileError, PromptSampler, load_prompts
 def test_prompt_file_formats(tmp_path):
     (tmp_path / "p.txt").write_text("# comment\na red apple\n\n  a blue car  \n")
     (tmp_path / "p.csv").write_text('prompt,category\n"a red apple, shiny",Colors\na blue car,Colors\n')
-    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "a red apple"}) + "\n\n" + json.dumps({"prompt": "a blue car"}) + "\n")
+    lines = [json.dumps({"prompt": "a red apple"}), "", json.dumps({"prompt": "a blue car"})]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
     assert load_prompts(tmp_path / "p.txt") == ["a red apple", "a blue car"]
     assert load_prompts(tmp_path / "p.csv") == ["a red apple, shiny", "a blue car"]
     assert load_prompts(tmp_path / "p.jsonl") == ["a red apple", "a blue car"]

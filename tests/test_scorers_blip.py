@@ -64,7 +64,8 @@ def test_token_ids(scorer, expected):
      "lacks (model names): text.encoder.layer.1.crossattention.self.key.bias. "),
     ("imagereward", None, "blip.text_encoder.pooler.dense.weight", "nor ignored: blip.text_encoder.pooler.dense.weight"),
     # a layer beyond the med_config's depth
-    ("imagereward", None, "blip.text_encoder.encoder.layer.7.output.dense.weight", "nor ignored: blip.text_encoder.encoder.layer.7.output.dense.weight"),
+    ("imagereward", None, "blip.text_encoder.encoder.layer.7.output.dense.weight",
+     "nor ignored: blip.text_encoder.encoder.layer.7.output.dense.weight"),
     ("blipscore", "text_proj.bias", None, "lacks (model names): text_proj.bias. "),
     ("blipscore", None, "visual_encoder.head.weight", "nor ignored: visual_encoder.head.weight"),
 ])

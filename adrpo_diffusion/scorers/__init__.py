@@ -8,7 +8,7 @@ override the class method ``check_prompts(prompts)``, which raises a clear error
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 from .base import Scorer, to_image_tensor
 
@@ -48,6 +48,6 @@ def build_scorer(name: str, **options) -> Scorer:
 
 
 # Built-in scorers register themselves on import.
-from . import clip, color, aesthetic, hpsv2, pickscore, blip, shapes  # noqa: E402,F401
+from . import aesthetic, blip, clip, color, hpsv2, pickscore, shapes  # noqa: E402,F401
 
 __all__ = ["Scorer", "available_scorers", "build_scorer", "check_scorer", "register_scorer", "to_image_tensor"]

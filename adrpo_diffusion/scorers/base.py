@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -51,5 +51,5 @@ class Scorer:
     def _score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         raise NotImplementedError
 
-    def to(self, device) -> "Scorer":
+    def to(self, device) -> Scorer:
         return self

@@ -10,6 +10,7 @@ import torch
 
 from . import register_scorer
 from .base import Scorer, to_image_tensor
+from .loading import from_pretrained
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 
@@ -22,12 +23,12 @@ class ClipScorer(Scorer):
                  batch_size: int = 32, scale: float = 100.0, clamp_negative: bool = False):
         from transformers import CLIPModel, CLIPProcessor
 
-        self._wrap(CLIPModel.from_pretrained(model, dtype=getattr(torch, dtype)), CLIPProcessor.from_pretrained(model),
-                   device, dtype, batch_size, scale, clamp_negative)
+        self._wrap(from_pretrained(CLIPModel, model, "model", dtype=getattr(torch, dtype)),
+                   from_pretrained(CLIPProcessor, model, "model"), device, dtype, batch_size, scale, clamp_negative)
 
     @classmethod
     def from_model(cls, model, processor, device: str | None = None, dtype: str = "float32", batch_size: int = 32,
-                   scale: float = 100.0, clamp_negative: bool = False) -> "ClipScorer":
+                   scale: float = 100.0, clamp_negative: bool = False) -> ClipScorer:
         """Wrap an already built ``CLIPModel`` and ``CLIPProcessor`` (benchmarks, custom loading)."""
         scorer = cls.__new__(cls)
         scorer._wrap(model, processor, device, dtype, batch_size, scale, clamp_negative)
@@ -40,7 +41,7 @@ class ClipScorer(Scorer):
         self.processor = processor
         self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
 
-    def to(self, device) -> "ClipScorer":
+    def to(self, device) -> ClipScorer:
         self.device = torch.device(device)
         self.model.to(self.device)
         return self

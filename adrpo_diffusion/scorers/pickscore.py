@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import register_scorer
-from .base import Scorer
+from .clip import ClipScorer
 from .loading import from_pretrained
 
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
@@ -18,33 +18,14 @@ DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 
 @register_scorer("pickscore")
-class PickScoreScorer(Scorer):
+class PickScoreScorer(ClipScorer):
     """``model``: hub id or local directory of the PickScore CLIPModel; ``processor``: hub id or local directory
-    of its CLIPProcessor."""
+    of its CLIPProcessor. The CLIP score with ``scale = exp(logit_scale)`` of the model."""
 
     def __init__(self, model: str = DEFAULT_MODEL, processor: str = DEFAULT_PROCESSOR, device: str | None = None,
                  dtype: str = "float32", batch_size: int = 32):
         from transformers import CLIPModel, CLIPProcessor
 
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = getattr(torch, dtype)
-        self.batch_size = batch_size
-        self.processor = from_pretrained(CLIPProcessor, processor, "processor")
-        self.model = from_pretrained(CLIPModel, model, "model", dtype=self.dtype)
-        self.model.to(self.device).eval().requires_grad_(False)
-
-    def to(self, device) -> PickScoreScorer:
-        self.device = torch.device(device)
-        self.model.to(self.device)
-        return self
-
-    def _score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        pixels = self.processor(images=list(images.float().clamp(0, 1).cpu()), do_rescale=False,
-                                return_tensors="pt")["pixel_values"]
-        text = self.processor(text=prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
-        image_embeds = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)).pooler_output
-        text_embeds = self.model.get_text_features(
-            input_ids=text["input_ids"].to(self.device), attention_mask=text["attention_mask"].to(self.device)
-        ).pooler_output
-        cos = torch.nn.functional.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
-        return self.model.logit_scale.float().exp() * cos
+        clip = from_pretrained(CLIPModel, model, "model", dtype=getattr(torch, dtype))
+        self._wrap(clip, from_pretrained(CLIPProcessor, processor, "processor"), device, dtype, batch_size,
+                   scale=clip.logit_scale.float().exp().item(), clamp_negative=False)
