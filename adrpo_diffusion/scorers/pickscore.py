@@ -26,6 +26,7 @@ class PickScoreScorer(ClipScorer):
                  dtype: str = "float32", batch_size: int = 32):
         from transformers import CLIPModel, CLIPProcessor
 
+        clip_processor = from_pretrained(CLIPProcessor, processor, "processor")  # the small part first
         clip = from_pretrained(CLIPModel, model, "model", dtype=getattr(torch, dtype))
-        self._wrap(clip, from_pretrained(CLIPProcessor, processor, "processor"), device, dtype, batch_size,
-                   scale=clip.logit_scale.float().exp().item(), clamp_negative=False)
+        self._wrap(clip, clip_processor, device, dtype, batch_size, scale=clip.logit_scale.float().exp().item(),
+                   clamp_negative=False)
