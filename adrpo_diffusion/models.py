@@ -104,11 +104,18 @@ def load_sd3_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32, dro
 
     check_model_source(name_or_path)
     path = resolve_model_path(name_or_path)
-    index = Path(path) / "model_index.json"
-    if index.is_file() and json.loads(index.read_text()).get("text_encoder_3", [None])[0] is None:
-        drop_t5 = True
     extra = {"text_encoder_3": None, "tokenizer_3": None} if drop_t5 else {}
-    return StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, **extra)
+    return StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, **{**absent_components(path), **extra})
+
+
+def absent_components(path: str) -> dict:
+    """Components a local pipeline was saved without (``[null, null]`` in its model_index.json, e.g. the tiny
+    SD3's T5): ``from_pretrained`` needs them passed as None explicitly."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return {}
+    return {name: None for name, value in json.loads(index.read_text()).items()
+            if isinstance(value, list) and value[0] is None}
 
 
 def add_lora(transformer, rank: int, alpha: float, target_modules=DEFAULT_LORA_TARGETS, init_weights=True):

@@ -76,25 +76,15 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _absent_components(path: str) -> dict:
-    """Components a local pipeline was saved without (``[null, null]`` in model_index.json, e.g. the tiny SD3's
-    T5): ``from_pretrained`` needs them passed as None explicitly."""
-    index = Path(path) / "model_index.json"
-    if not index.is_file():
-        return {}
-    return {name: None for name, value in json.loads(index.read_text()).items()
-            if isinstance(value, list) and value[0] is None}
-
-
 def load_pipeline(model: ModelSpec, dtype: torch.dtype, device: str):
     """The model's diffusers pipeline on ``device``, with its LoRA loaded and checked."""
     import diffusers
 
-    from ..models import resolve_model_path
+    from ..models import absent_components, resolve_model_path
 
     path = resolve_model_path(model.base)
     cls = diffusers.DiffusionPipeline if model.pipeline == "auto" else getattr(diffusers, model.pipeline)
-    pipe = cls.from_pretrained(path, dtype=dtype, **{**_absent_components(path), **model.load_kwargs})
+    pipe = cls.from_pretrained(path, dtype=dtype, **{**absent_components(path), **model.load_kwargs})
     if model.lora is not None:
         load_lora_checked(pipe, model.lora, model.base)
     if model.cpu_offload:
