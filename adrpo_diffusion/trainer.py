@@ -139,6 +139,9 @@ class Trainer:
         from diffusers.training_utils import cast_training_params
 
         cast_training_params(self.transformer, dtype=torch.float32)
+        if cfg.compile_sampler:
+            # Rollouts only: the compiled module shares the transformer's parameters, the train step stays eager.
+            pipe.transformer = torch.compile(self.transformer, backend=cfg.compile_backend)
         self.pipe = pipe
         self.params = [p for p in self.transformer.parameters() if p.requires_grad]
 

@@ -135,3 +135,14 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path, tiny_sd3_dir):
     assert "resumed from" in out and out.count("held-out reward (mean") == 1  # logged by the main process only
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]
+
+
+def test_compiled_sampler_gives_the_same_run(tmp_path, tiny_sd3_dir):
+    """compile_sampler traces the rollout transformer with torch.compile (here the 'eager' backend, which runs
+    TorchDynamo's graph capture without code generation, to stay fast on a CPU); the run must not change."""
+    overrides = dict(max_steps=1, prompts_per_step=2, images_per_prompt=2, checkpointing_steps=0)
+    Trainer(small_config(tmp_path / "eager", **overrides)).train()
+    Trainer(small_config(tmp_path / "compiled", compile_sampler=True, compile_backend="eager", **overrides)).train()
+    a, b = lora_tensors(tmp_path / "eager"), lora_tensors(tmp_path / "compiled")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
