@@ -98,6 +98,13 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         self.checkpoints_dir = self.output_dir / "checkpoints"
         self.resume_dir = resolve_resume(cfg.resume_from_checkpoint, self.checkpoints_dir)
+        optimizer_cls = torch.optim.AdamW
+        if cfg.use_8bit_adam:
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise ImportError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+            optimizer_cls = bnb.optim.AdamW8bit
 
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
@@ -120,6 +127,9 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
         self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed, torch.float32)
 
+        # The reward model first: if its weights are missing, say so before the large download/load.
+        self.scorer = build_scorer(cfg.reward, **cfg.reward_options)
+        self.scorer.to(acc.device)
         # Models: frozen base in weight_dtype, LoRA in fp32.
         pipe = load_sd3_pipeline(cfg.pretrained_model, dtype=self.weight_dtype, drop_t5=cfg.drop_t5)
         pipe.set_progress_bar_config(disable=True)
@@ -145,16 +155,6 @@ class Trainer:
         self.pipe = pipe
         self.params = [p for p in self.transformer.parameters() if p.requires_grad]
 
-        self.scorer = build_scorer(cfg.reward, **cfg.reward_options)
-        self.scorer.to(acc.device)
-
-        optimizer_cls = torch.optim.AdamW
-        if cfg.use_8bit_adam:
-            try:
-                import bitsandbytes as bnb
-            except ImportError:
-                raise ImportError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
-            optimizer_cls = bnb.optim.AdamW8bit
         optimizer = optimizer_cls(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
         from diffusers.optimization import get_scheduler
