@@ -306,11 +306,11 @@ class Trainer:
         finite = bool(acc.gather(finite).min().item())
         if finite:
             self.optimizer.step()
+            self.lr_scheduler.step()  # the schedule counts applied updates
             self.nonfinite_in_a_row = 0
         else:
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
-        self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
 
