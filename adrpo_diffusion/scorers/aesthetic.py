@@ -14,7 +14,7 @@ from torch import nn
 from . import register_scorer
 from .base import Scorer
 from .clip import DEFAULT_CLIP
-from .loading import checkpoint_file, from_pretrained
+from .loading import from_pretrained, resolve_file
 
 # A hub mirror of the GitHub release file (the GitHub repository is not a hub repo).
 CHECKPOINT_REPO = "camenduru/improved-aesthetic-predictor"
@@ -46,7 +46,7 @@ class AestheticScorer(Scorer):
         self.dtype = getattr(torch, dtype)
         self.batch_size = batch_size
         # The small head first, so that a missing file fails before CLIP loads.
-        path = checkpoint_file(checkpoint, CHECKPOINT_REPO, CHECKPOINT_FILE, "checkpoint")
+        path = resolve_file(checkpoint or CHECKPOINT_REPO, CHECKPOINT_FILE, "checkpoint")
         self.mlp = aesthetic_mlp(torch.load(path, map_location="cpu", weights_only=True))
         self.mlp.to(self.device).eval().requires_grad_(False)
         self.processor = from_pretrained(CLIPImageProcessor, clip_model, "clip_model")

@@ -24,13 +24,13 @@ import json
 import math
 import re
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from . import register_scorer
 from .base import Scorer
+from .loading import resolve_file
 
 IMAGEREWARD_MEAN = 0.16717362830052426
 IMAGEREWARD_STD = 1.0333394966054072
@@ -59,43 +59,6 @@ def _vision_rules(prefix: str) -> list[tuple[str, str]]:
 def _text_rule(prefix: str) -> tuple[str, str]:
     # BLIP's med.py and transformers' BlipTextModel share parameter names.
     return re.escape(prefix) + r"((?:embeddings|encoder)\..+)", r"text.\1"
-
-
-def resolve_file(spec: str, filename: str, option: str) -> str:
-    """The local path of ``filename`` named by ``spec``: a file, a directory holding ``filename``, an http(s) URL
-    (cached in torch.hub's checkpoint directory) or a Hugging Face hub repo id holding ``filename``.
-
-    Raises ``FileNotFoundError`` naming the file and the option to pass a local path with."""
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return str(path)
-    if path.is_dir():
-        if (path / filename).is_file():
-            return str(path / filename)
-        raise FileNotFoundError(f"No {filename} in directory {spec}; pass its path with the {option!r} option")
-    try:
-        if spec.startswith(("http://", "https://")):
-            return _download_url(spec)
-        from huggingface_hub import hf_hub_download
-
-        return hf_hub_download(spec, filename)
-    except (OSError, ValueError) as err:
-        raise FileNotFoundError(
-            f"Cannot find {filename}: {spec!r} is not a local path and fetching it failed ({type(err).__name__}: "
-            f"{err}). Download it and pass its local path with the {option!r} option."
-        ) from err
-
-
-def _download_url(url: str) -> str:
-    from huggingface_hub import is_offline_mode
-
-    target = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
-    if not target.is_file():
-        if is_offline_mode():
-            raise OSError(f"offline mode (HF_HUB_OFFLINE) is on and {target} is not cached")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(url, str(target))
-    return str(target)
 
 
 def blip_tokenizer(vocab_path: str):

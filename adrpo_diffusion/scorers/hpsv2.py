@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import register_scorer
 from .base import Scorer
-from .loading import checkpoint_file
+from .loading import resolve_file
 
 CHECKPOINT_REPO = "xswu/HPSv2"
 CHECKPOINT_FILE = "HPS_v2.1_compressed.pt"
@@ -35,7 +35,7 @@ class HPSv2Scorer(Scorer):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = getattr(torch, dtype)
         self.batch_size, self.scale = batch_size, scale
-        path = checkpoint_file(checkpoint, CHECKPOINT_REPO, CHECKPOINT_FILE, "checkpoint")
+        path = resolve_file(checkpoint or CHECKPOINT_REPO, CHECKPOINT_FILE, "checkpoint")
         # open_clip's loader unwraps {"state_dict": ...} and a DistributedDataParallel "module." prefix, and
         # loads strictly.
         self.model = open_clip.create_model(architecture, pretrained=path)

@@ -6,25 +6,50 @@ error names the file and the scorer option that takes a local path instead.
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
+from urllib.parse import urlparse
 
 
-def checkpoint_file(path: str | None, repo_id: str, filename: str, option: str) -> str:
-    """``path`` when given (it must exist), else ``filename`` from the hub repo ``repo_id`` (cached after the
-    first download)."""
-    if path is not None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{option}={str(path)!r}: no such file")
+def resolve_file(spec: str, filename: str, option: str) -> str:
+    """The local path of ``filename`` named by ``spec``: a file, a directory holding ``filename``, an http(s) URL
+    (cached in torch.hub's checkpoint directory) or a Hugging Face hub repo id holding ``filename``.
+
+    Raises ``FileNotFoundError`` naming the file and the option (``option=``) that takes a local path."""
+    path = Path(spec).expanduser()
+    if path.is_file():
         return str(path)
-    from huggingface_hub import hf_hub_download
-
+    if path.is_dir():
+        if (path / filename).is_file():
+            return str(path / filename)
+        raise FileNotFoundError(f"No {filename} in directory {spec}; pass its path with the {option!r} option")
+    is_url = spec.startswith(("http://", "https://"))
+    if not is_url and (spec.startswith(("/", ".", "~")) or spec.count("/") > 1):  # a path, not an owner/name id
+        raise FileNotFoundError(f"{option}={spec!r}: no such file or directory")
     try:
-        return hf_hub_download(repo_id, filename)
-    except OSError as err:  # offline cache misses and HTTP errors are both OSErrors
+        if is_url:
+            return _download_url(spec)
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(spec, filename)
+    except (OSError, ValueError) as err:  # offline cache misses, HTTP errors, malformed repo ids
         raise FileNotFoundError(
-            f"Could not get {filename!r} from the Hugging Face hub repo {repo_id!r} ({type(err).__name__}: {err}). "
-            f"Download it where there is network and pass its local path as {option}=..."
+            f"Cannot find {filename}: {spec!r} is not a local path and fetching it failed ({type(err).__name__}: "
+            f"{err}). Download it where there is network and pass its local path with the {option!r} option "
+            f"({option}=...)."
         ) from err
+
+
+def _download_url(url: str) -> str:
+    import torch
+    from huggingface_hub import is_offline_mode
+
+    target = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if not target.is_file():
+        if is_offline_mode():
+            raise OSError(f"offline mode (HF_HUB_OFFLINE) is on and {target} is not cached")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(target))
+    return str(target)
 
 
 def from_pretrained(loader, name: str, option: str, **kwargs):
