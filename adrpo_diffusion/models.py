@@ -2,9 +2,7 @@
 
 Every model is loaded through ``StableDiffusion3Pipeline.from_pretrained`` with a hub id or a local
 directory. The tiny pipeline (``builtin:tiny-sd3``) is built from configs with random weights, saved with
-``save_pretrained`` into a cache directory, and loaded back through that same path. ``builtin:tiny-sd3-shapes``
-is a tiny pipeline pre-trained on the coloured-shapes data of the method lab (:mod:`adrpo_diffusion.lab.pretrain`),
-cached the same way.
+``save_pretrained`` into a cache directory, and loaded back through that same path.
 """
 
 from __future__ import annotations
@@ -20,8 +18,7 @@ import torch
 
 BUILTIN_PREFIX = "builtin:"
 TINY_SD3 = "builtin:tiny-sd3"
-TINY_SD3_SHAPES = "builtin:tiny-sd3-shapes"
-BUILTIN_MODELS = (TINY_SD3, TINY_SD3_SHAPES)
+BUILTIN_MODELS = (TINY_SD3,)
 DEFAULT_LORA_TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0",  # image-stream attention
     "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",  # text-stream (context) attention
@@ -82,13 +79,6 @@ def resolve_model_path(name_or_path: str) -> str:
         target = cache_dir() / "tiny-sd3"
         if not (target / "model_index.json").is_file():
             build_tiny_sd3(target)
-        return str(target)
-    if name_or_path == TINY_SD3_SHAPES:
-        from .lab.pretrain import build_tiny_sd3_shapes
-
-        target = cache_dir() / "tiny-sd3-shapes"
-        if not (target / "model_index.json").is_file():
-            build_tiny_sd3_shapes(target)
         return str(target)
     return name_or_path
 
