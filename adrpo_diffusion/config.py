@@ -30,7 +30,7 @@ def _f(default, help: str, **kwargs):
 class TrainConfig:
     # --- model
     pretrained_model: str = _f("stabilityai/stable-diffusion-3-medium-diffusers",
-                               "Hub id or local directory of an SD3-family diffusers pipeline, or builtin:tiny-sd3.")
+                               "Hub id or local directory of an SD3-family diffusers pipeline, or builtin:tiny-sd3[-shapes].")
     drop_t5: bool = _f(False, "Load without the T5 text encoder (saves ~9 GB; the pipeline feeds zeros instead).")
     mixed_precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), no, fp16 or bf16. LoRA parameters stay fp32.")
     lora_rank: int = _f(32, "LoRA rank r.")
@@ -86,7 +86,7 @@ class TrainConfig:
     checkpoints_total_limit: int = _f(3, "Keep the newest N checkpoints (0: keep all).")
     resume_from_checkpoint: str | None = _f(None, "latest, or a checkpoints/step-N directory.")
     sample_every: int = _f(100, "Save a grid of held-out samples every N steps (0: never).")
-    eval_prompts: int = _f(8, "Prompts for the held-out reward printed before and after training.")
+    eval_prompts: int = _f(8, "Prompts for the held-out reward printed before and after training (0: no check).")
     eval_seeds: list = _f([1000, 1001], "Held-out seeds (never used in training) for that reward.")
     report_to: str = _f("tensorboard", "Tracker: tensorboard, wandb or none. metrics.jsonl is always written.")
     max_consecutive_nonfinite: int = _f(5, "Stop after this many non-finite losses in a row (each is skipped).")

@@ -2,7 +2,9 @@
 
 Every model is loaded through ``StableDiffusion3Pipeline.from_pretrained`` with a hub id or a local
 directory. The tiny pipeline (``builtin:tiny-sd3``) is built from configs with random weights, saved with
-``save_pretrained`` into a cache directory, and loaded back through that same path.
+``save_pretrained`` into a cache directory, and loaded back through that same path. ``builtin:tiny-sd3-shapes``
+is a tiny pipeline pre-trained on the coloured-shapes data of the method lab (:mod:`adrpo_diffusion.lab.pretrain`),
+cached the same way.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch
 
 BUILTIN_PREFIX = "builtin:"
 TINY_SD3 = "builtin:tiny-sd3"
-BUILTIN_MODELS = (TINY_SD3,)
+TINY_SD3_SHAPES = "builtin:tiny-sd3-shapes"
+BUILTIN_MODELS = (TINY_SD3, TINY_SD3_SHAPES)
 DEFAULT_LORA_TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0",  # image-stream attention
     "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",  # text-stream (context) attention
@@ -79,6 +82,13 @@ def resolve_model_path(name_or_path: str) -> str:
         target = cache_dir() / "tiny-sd3"
         if not (target / "model_index.json").is_file():
             build_tiny_sd3(target)
+        return str(target)
+    if name_or_path == TINY_SD3_SHAPES:
+        from .lab.pretrain import build_tiny_sd3_shapes
+
+        target = cache_dir() / "tiny-sd3-shapes"
+        if not (target / "model_index.json").is_file():
+            build_tiny_sd3_shapes(target)
         return str(target)
     return name_or_path
 
@@ -152,15 +162,14 @@ def _blocks_batch(n: int, generator: torch.Generator, size: int = 32) -> torch.T
     return images * 2 - 1
 
 
-def _fit_tiny_vae(vae, steps: int = 150, batch_size: int = 16, seed: int = 0, batches=_blocks_batch) -> None:
-    """Briefly train the tiny VAE to reconstruct images of ``batches(n, generator)`` (in [-1, 1]; coloured blocks
-    by default, ~10 s on a CPU), then set SD3's latent scale and shift from its latent statistics. A randomly
-    initialised decoder's GroupNorms wash out the latents' colour information, leaving a reward almost nothing
-    that a fine-tuned transformer can change."""
+def _fit_tiny_vae(vae, steps: int = 150, batch_size: int = 16, seed: int = 0) -> None:
+    """Briefly train the tiny VAE to reconstruct coloured blocks (~10 s on a CPU), then set SD3's latent
+    scale and shift from its latent statistics. A randomly initialised decoder's GroupNorms wash out the
+    latents' colour information, leaving a reward almost nothing that a fine-tuned transformer can change."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
     for _ in range(steps):
-        images = batches(batch_size, generator)
+        images = _blocks_batch(batch_size, generator)
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample(generator=generator)).sample
         loss = (reconstruction - images).pow(2).mean() + 1e-4 * posterior.kl().mean()
@@ -168,7 +177,7 @@ def _fit_tiny_vae(vae, steps: int = 150, batch_size: int = 16, seed: int = 0, ba
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        latents = vae.encode(batches(256, generator)).latent_dist.mean
+        latents = vae.encode(_blocks_batch(256, generator)).latent_dist.mean
     vae.register_to_config(shift_factor=round(latents.mean().item(), 4), scaling_factor=round(1 / latents.std().item(), 4))
     vae.requires_grad_(False)
 

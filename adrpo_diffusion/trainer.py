@@ -342,8 +342,10 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         from tqdm.auto import tqdm
 
-        before, _ = self.heldout_rewards(adapters=False)
-        self._log(f"held-out reward of the base model: {before.mean().item():.4f}")
+        check = bool(self.eval_indices)  # eval_prompts: 0 skips the held-out check (callers that measure their own)
+        if check:
+            before, _ = self.heldout_rewards(adapters=False)
+            self._log(f"held-out reward of the base model: {before.mean().item():.4f}")
         progress = tqdm(total=cfg.max_steps, initial=self.step, desc="ADRPO steps" if cfg.method == "adrpo" else cfg.method,
                         disable=not acc.is_main_process)
         while self.step < cfg.max_steps:
@@ -374,6 +376,10 @@ class Trainer:
             save_checkpoint(acc, self.checkpoints_dir, self.step, cfg.checkpoints_total_limit)
         if acc.is_main_process:
             export_lora(acc.unwrap_model(self.model), self.lora_config, self.output_dir)
+        self._log(f"LoRA weights: {self.output_dir / 'pytorch_lora_weights.safetensors'}")
+        if not check:
+            acc.end_training()
+            return {"steps": self.step}
         after, images = self.heldout_rewards(adapters=True)
         # Paired over the same (prompt, seed) pairs, so seed noise cancels in the difference.
         diff = after - before
@@ -389,7 +395,6 @@ class Trainer:
         self._log(f"held-out reward (mean over {len(self.eval_indices)} prompts x {len(cfg.eval_seeds)} seeds): "
                   f"before {summary['heldout_reward_before']:.4f} -> after {summary['heldout_reward_after']:.4f} "
                   f"(change {summary['heldout_improvement']:+.4f} +- {summary['heldout_improvement_se']:.4f} SE, paired)")
-        self._log(f"LoRA weights: {self.output_dir / 'pytorch_lora_weights.safetensors'}")
         acc.end_training()
         return summary
 

@@ -1,4 +1,4 @@
-"""Test set-up: offline, and one shared cache for the tiny pipeline (built once per test session)."""
+"""Test set-up: offline, and one shared cache for the tiny pipelines (built once per cache)."""
 
 import os
 import tempfile
@@ -14,6 +14,14 @@ def tiny_sd3_dir():
     from adrpo_diffusion.models import TINY_SD3, resolve_model_path
 
     return resolve_model_path(TINY_SD3)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_shapes_dir():
+    """The method lab's shapes base (pre-trained once per cache, about 4 minutes on 2 cores)."""
+    from adrpo_diffusion.models import TINY_SD3_SHAPES, resolve_model_path
+
+    return resolve_model_path(TINY_SD3_SHAPES)
 
 
 @pytest.fixture

@@ -48,6 +48,6 @@ def build_scorer(name: str, **options) -> Scorer:
 
 
 # Built-in scorers register themselves on import.
-from . import aesthetic, blip, clip, color, hpsv2, pickscore  # noqa: E402,F401
+from . import aesthetic, blip, clip, color, hpsv2, pickscore, shapes  # noqa: E402,F401
 
 __all__ = ["Scorer", "available_scorers", "build_scorer", "check_scorer", "register_scorer", "to_image_tensor"]

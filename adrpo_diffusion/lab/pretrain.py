@@ -1,0 +1,169 @@
+"""``builtin:tiny-sd3-shapes``: a tiny SD3 pipeline pre-trained on the coloured-shapes data by plain flow matching.
+
+The same diffusers classes and tiny architecture family as ``builtin:tiny-sd3`` (``SD3Transformer2DModel``,
+``AutoencoderKL``, two ``CLIPTextModelWithProjection`` with the character-level tokenizer, no T5,
+``FlowMatchEulerDiscreteScheduler``), built from configs with seeded random weights, then:
+
+1. the VAE is fitted to reconstruct shapes images (:func:`fit_shapes_vae`);
+2. the transformer learns the conditional flow of shapes latents given their captions, with the text encoders
+   frozen at their random weights (their outputs still differ per caption; the transformer learns to read them).
+   The loss, on minibatches of a bank of ``BANK_SIZE`` generated images encoded once:
+
+       min E_{(x1, c), x0 ~ N(0, I), t ~ U(0, 1)} || v_theta(x_sigma, 1000 sigma, c) - (x0 - x1) ||^2,
+       x_sigma = (1 - sigma) x1 + sigma x0, sigma = 1 - t
+
+   exactly the convention of the RL trainer (:func:`adrpo_diffusion.losses.flow_matching_pair`), with AdamW
+   and a cosine learning rate.
+
+The tokenizer's length is ``TOKENIZER_LENGTH`` (every caption of the grammar fits in 32 characters with its
+start and end tokens) instead of CLIP's 77: the transformer then attends over 40 + 8 context tokens, not 85.
+
+Everything is seeded, so a build is deterministic on a given machine and thread count. The training is short on
+purpose: the base draws the right colours most of the time but its shapes, counts and positions are often
+wrong, and it draws different images for different noise, which leaves an RL fine-tuning room to improve.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .shapes import all_captions, sample_batch
+
+TRANSFORMER_CONFIG = dict(
+    sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=16,
+    num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=64, pooled_projection_dim=64,
+    pos_embed_max_size=32,
+)
+TOKENIZER_LENGTH = 40
+VAE_STEPS = 250
+BANK_SIZE = 4096
+PRETRAIN_STEPS = 2400
+BATCH_SIZE = 32
+LEARNING_RATE = 2e-3
+WARMUP_STEPS = 50
+MAX_SEQUENCE_LENGTH = 8  # the T5 slot's length (zeros without T5), as in configs/tiny_cpu.yaml
+
+
+def fit_shapes_vae(vae, steps: int = VAE_STEPS, batch_size: int = 16, seed: int = 0) -> list[float]:
+    """Train the tiny VAE to reconstruct shapes images from its posterior mean (a deterministic auto-encoder
+    with a small KL term: decoding a posterior sample instead blurs the sharp edges within this few steps),
+    then set SD3's latent scale and shift from its latent statistics. Returns the loss of every step."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(steps):
+        images = sample_batch(batch_size, generator)[0] * 2 - 1
+        posterior = vae.encode(images).latent_dist
+        loss = (vae.decode(posterior.mean).sample - images).pow(2).mean() + 1e-4 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        latents = vae.encode(sample_batch(256, generator)[0] * 2 - 1).latent_dist.mean
+    vae.register_to_config(shift_factor=round(latents.mean().item(), 4), scaling_factor=round(1 / latents.std().item(), 4))
+    vae.requires_grad_(False)
+    return losses
+
+
+def build_untrained_pipeline(seed: int = 0, vae_steps: int = VAE_STEPS):
+    """The pipeline with seeded random weights: the VAE fitted to shapes images, the transformer untrained."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from ..models import _char_tokenizer
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**TRANSFORMER_CONFIG)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=8, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    fit_shapes_vae(vae, steps=vae_steps, seed=seed)
+    text_encoders = [
+        CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, projection_dim=32, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+            hidden_act="gelu",
+        ))
+        for _ in range(2)
+    ]
+    tokenizer = _char_tokenizer(TOKENIZER_LENGTH)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoders[0], tokenizer=tokenizer, text_encoder_2=text_encoders[1], tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None,
+    )
+
+
+@torch.no_grad()
+def latent_bank(pipe, size: int, generator: torch.Generator, batch_size: int = 256) -> tuple[torch.Tensor, list[str]]:
+    """``size`` generated images encoded once: transformer latents ``x1`` (scaled and shifted as SD3's) and
+    their captions."""
+    vae, latents, captions = pipe.vae, [], []
+    for start in range(0, size, batch_size):
+        images, batch_captions = sample_batch(min(batch_size, size - start), generator)
+        z = vae.encode(images * 2 - 1).latent_dist.mean
+        latents.append((z - vae.config.shift_factor) * vae.config.scaling_factor)
+        captions += batch_captions
+    return torch.cat(latents), captions
+
+
+def pretrain_transformer(pipe, steps: int = PRETRAIN_STEPS, batch_size: int = BATCH_SIZE, bank_size: int = BANK_SIZE,
+                         learning_rate: float = LEARNING_RATE, seed: int = 0, log_every: int = 0) -> list[float]:
+    """Flow-matching pre-training of ``pipe.transformer`` on shapes (module docstring); returns the loss of every
+    step. The VAE and the text encoders stay frozen."""
+    from ..losses import flow_matching_pair
+    from ..sampling import encode_prompts
+
+    generator = torch.Generator().manual_seed(seed)
+    bank, bank_captions = latent_bank(pipe, bank_size, generator)
+    captions = all_captions()
+    cache = encode_prompts(pipe, captions, "cpu", torch.float32, MAX_SEQUENCE_LENGTH)
+    caption_index = torch.tensor([captions.index(c) for c in bank_captions])
+    transformer = pipe.transformer
+    transformer.train()
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=learning_rate, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / WARMUP_STEPS)
+                                                 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+    losses, start = [], time.perf_counter()
+    for step in range(steps):
+        rows = torch.randint(bank_size, (batch_size,), generator=generator)
+        x1 = bank[rows]
+        noise = torch.randn(x1.shape, generator=generator)
+        t = torch.rand(batch_size, generator=generator)
+        x_sigma, timestep, target = flow_matching_pair(x1, noise, t)
+        embeds, pooled = cache.select(caption_index[rows].tolist(), "cpu", torch.float32)
+        v = transformer(hidden_states=x_sigma, timestep=timestep, encoder_hidden_states=embeds,
+                        pooled_projections=pooled, return_dict=False)[0]
+        loss = (v - target).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if log_every and (step + 1) % log_every == 0:
+            recent = sum(losses[-log_every:]) / log_every
+            print(f"[tiny-sd3-shapes] step {step + 1}/{steps}: loss {recent:.4f} ({time.perf_counter() - start:.0f} s)",
+                  flush=True)
+    transformer.eval()
+    transformer.requires_grad_(False)
+    return losses
+
+
+def build_tiny_sd3_shapes(target: str | os.PathLike, seed: int = 0, steps: int = PRETRAIN_STEPS,
+                          vae_steps: int = VAE_STEPS) -> Path:
+    """Build, pre-train and save ``builtin:tiny-sd3-shapes`` to ``target`` (atomically)."""
+    from ..models import save_pipeline_atomically
+
+    print(f"[tiny-sd3-shapes] building the shapes base model into {target} (once; a few minutes on a CPU)", flush=True)
+    pipe = build_untrained_pipeline(seed, vae_steps)
+    pretrain_transformer(pipe, steps=steps, seed=seed, log_every=max(1, steps // 6))
+    return save_pipeline_atomically(pipe, target)

@@ -1,0 +1,259 @@
+"""The method lab: the shapes grammar and generator, the pixel rewards on constructed images, the base
+pre-training on a smoke scale, and one quick lab run producing the table and the plots."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from adrpo_diffusion.lab.shapes import (
+    SKILLS,
+    CaptionError,
+    Placed,
+    all_captions,
+    caption_of,
+    draw_caption,
+    parse_caption,
+    render,
+    sample_batch,
+)
+from adrpo_diffusion.prompts import load_prompts
+from adrpo_diffusion.scorers import build_scorer
+from adrpo_diffusion.scorers.shapes import connected_components
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return build_scorer("shapes")
+
+
+def checks(scorer, shapes, caption):
+    """The reward and every check of one constructed image."""
+    image = render(shapes)[None]
+    values = {name: value.item() for name, value in scorer.checks(image, [caption]).items()}
+    return scorer.score(image, [caption]).item(), values
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Grammar and generator
+
+
+def test_grammar_round_trips_and_covers_the_four_skills():
+    captions = all_captions()
+    assert len(captions) == len(set(captions)) == 12 + 72 + 24 + 48
+    assert {parse_caption(c).skill for c in captions} == set(SKILLS)
+    for caption in captions:
+        assert caption_of(parse_caption(caption)) == caption
+    scene = parse_caption("three green squares")
+    assert scene.skill == "count" and scene.objects[0].count == 3 and scene.objects[0].shape == "square"
+    scene = parse_caption("a yellow triangle on the left")
+    assert scene.skill == "position" and scene.objects[0].position == "left"
+    assert [o.colour for o in parse_caption("a red circle and a blue square").objects] == ["red", "blue"]
+
+
+@pytest.mark.parametrize("caption, message", [
+    ("a purple circle", "unknown colour 'purple'"),
+    ("a red apple", "unknown shape 'apple'"),
+    ("two red circle", "plural"),
+    ("a red circle and a red square", "two different colours"),
+    ("two red circles on the left", "a position applies to a single shape"),
+    ("a tall red tree", "expected"),
+])
+def test_captions_outside_the_grammar_are_rejected(caption, message):
+    with pytest.raises(CaptionError, match=message):
+        parse_caption(caption)
+
+
+def test_generator_is_deterministic_and_draws_what_the_caption_says(scorer):
+    images, captions = sample_batch(64, torch.Generator().manual_seed(3))
+    again, captions_again = sample_batch(64, torch.Generator().manual_seed(3))
+    other, _ = sample_batch(64, torch.Generator().manual_seed(4))
+    assert captions == captions_again and torch.equal(images, again) and not torch.equal(images, other)
+    assert images.shape == (64, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    assert {parse_caption(c).skill for c in captions} == set(SKILLS)
+    rewards = scorer.score(images, captions)
+    assert rewards.min() > 0.8 and rewards.mean() > 0.95  # the data itself scores high
+    shuffled = scorer.score(images, captions[1:] + captions[:1])
+    assert shuffled.mean() < 0.5  # and the wrong captions low
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rewards from pixels, on constructed images
+
+
+def test_colour(scorer):
+    red, checks_red = checks(scorer, [Placed("circle", "red", 16, 16, 12)], "a red circle")
+    blue, checks_blue = checks(scorer, [Placed("circle", "blue", 16, 16, 12)], "a red circle")
+    assert checks_red["colour"] > 0.95 and checks_blue["colour"] < 1e-3
+    assert red > 0.9 and blue < 0.4
+    assert math.isnan(checks_red["position"])  # no position in the caption: not a check
+    # a second shape of another colour lowers the precision
+    _, extra = checks(scorer, [Placed("circle", "red", 8, 8, 10), Placed("square", "green", 24, 24, 10)], "a red circle")
+    assert 0.3 < extra["colour"] < 0.8
+
+
+def test_shape(scorer):
+    for shape in ("circle", "square", "triangle"):
+        for drawn in ("circle", "square", "triangle"):
+            _, values = checks(scorer, [Placed(drawn, "green", 15.3, 16.7, 11)], f"a green {shape}")
+            assert (values["shape"] > 0.8) if drawn == shape else (values["shape"] < 0.2), (shape, drawn, values)
+
+
+def test_count(scorer):
+    squares = [Placed("square", "green", x, y, 7) for x, y in ((6, 6), (24, 8), (12, 24))]
+    _, three = checks(scorer, squares, "three green squares")
+    _, two = checks(scorer, squares[:2], "three green squares")
+    assert three["count"] == 1.0 and two["count"] == pytest.approx(math.exp(-1))
+    assert two["shape"] == pytest.approx(2 / 3 * three["shape"], rel=1e-3)  # the missing square scores 0
+
+
+def test_position(scorer):
+    caption = "a yellow triangle on the left"
+    scores = {x: checks(scorer, [Placed("triangle", "yellow", x, 16, 8)], caption)[1]["position"] for x in (6, 16, 26)}
+    assert scores[6] == 1.0 and scores[16] == pytest.approx(0.5, abs=0.05) and scores[26] == 0.0
+    _, top = checks(scorer, [Placed("square", "red", 16, 5, 8)], "a red square at the top")
+    _, bottom = checks(scorer, [Placed("square", "red", 16, 5, 8)], "a red square at the bottom")
+    assert top["position"] == 1.0 and bottom["position"] == 0.0
+
+
+def test_binding(scorer):
+    caption = "a red circle and a blue square"
+    right, good = checks(scorer, [Placed("circle", "red", 8, 16, 10), Placed("square", "blue", 24, 16, 10)], caption)
+    swapped, bad = checks(scorer, [Placed("square", "red", 8, 16, 10), Placed("circle", "blue", 24, 16, 10)], caption)
+    assert good["colour"] == pytest.approx(bad["colour"])  # both colours are there either way
+    assert good["shape"] > 0.9 and bad["shape"] < 0.1 and right > swapped + 0.25
+
+
+def test_components_and_prompt_checks(scorer):
+    mask = torch.zeros(1, 8, 8, dtype=torch.bool)
+    mask[0, 1:3, 1:3] = mask[0, 5:7, 4:8] = True
+    mask[0, 3, 3] = True  # touches the first block diagonally: 8-connected
+    labels = connected_components(mask)
+    assert len(labels.unique()) == 3 and labels[0, 3, 3] == labels[0, 1, 1]
+    scorer.check_prompts(load_prompts("prompts/shapes.txt"))
+    with pytest.raises(ValueError, match="shapes grammar only.*unknown shape 'dog'"):
+        scorer.check_prompts(["a red circle", "a red dog"])
+    images = torch.stack([draw_caption(c, torch.Generator().manual_seed(0)) for c in ("a red circle", "a blue square")])
+    rewards = scorer.score(1 - images, ["a red circle", "a blue square"])  # inverted colours
+    assert ((0 <= rewards) & (rewards <= 1)).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The base: pre-training on a smoke scale, and the cached model
+
+
+def test_pretraining_smoke_scale_learns_and_is_deterministic():
+    from adrpo_diffusion.lab.pretrain import build_untrained_pipeline, pretrain_transformer
+
+    def run():
+        pipe = build_untrained_pipeline(seed=0, vae_steps=3)
+        losses = pretrain_transformer(pipe, steps=40, batch_size=16, bank_size=64, learning_rate=2e-3)
+        return losses, pipe.transformer.state_dict()
+
+    losses, weights = run()
+    again, weights_again = run()
+    assert losses == again and all(torch.equal(weights[k], weights_again[k]) for k in weights)
+    assert sum(losses[-10:]) < 0.8 * sum(losses[:10])
+
+
+def test_builtin_shapes_base_is_a_known_model():
+    from adrpo_diffusion.models import TINY_SD3_SHAPES, check_model_source
+
+    check_model_source(TINY_SD3_SHAPES)
+    with pytest.raises(ValueError, match="builtin:tiny-sd3, builtin:tiny-sd3-shapes"):
+        check_model_source("builtin:tiny-sd3-circles")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One quick lab run
+
+
+@pytest.fixture(scope="module")
+def quick_lab(tmp_path_factory, tiny_sd3_shapes_dir):
+    from adrpo_diffusion.lab.experiment import main
+
+    out = tmp_path_factory.mktemp("quick-lab") / "lab"
+    assert main(["--quick", "--output_dir", str(out)]) == 0
+    return out
+
+
+QUICK_RUNS = ["adrpo", "orw-cfm-w2 beta=1", "fixed-beta beta=1", "raft top-1", "adrpo clip x0.5"]
+
+
+def test_quick_lab_writes_the_table_and_the_plots(quick_lab):
+    results = json.loads((quick_lab / "results.json").read_text())
+    assert list(results["runs"]) == QUICK_RUNS
+    base = results["base"]
+    assert 0.2 < base["reward"] < 0.8 and base["pixel_diversity"] > 0.05  # imperfect and diverse
+    for name, run in results["runs"].items():
+        records = run["seeds"]["0"]
+        assert [r["step"] for r in records] == [0, 1, 2]
+        assert records[0] == {"step": 0, **base}
+        assert all(0 <= r["reward"] <= 1 for r in records)
+        assert records[-1]["w2_divergence"] > 0, name  # the policy moved away from the base
+    table = (quick_lab / "lab_table.md").read_text()
+    assert "### methods" in table and "### ablation" in table and all(f"| {name} |" in table for name in QUICK_RUNS)
+    for group in ("methods", "ablation"):
+        for stem in ("reward_vs_diversity", "reward_vs_divergence", "learning_curves"):
+            assert (quick_lab / f"{group}_{stem}.png").stat().st_size > 10_000
+    for grid in ("samples_base.png", "samples_data.png", "samples/adrpo.png", "samples/raft_top-1.png"):
+        assert (quick_lab / grid).stat().st_size > 1000
+
+
+def test_a_killed_lab_resumes_to_the_same_results(quick_lab, tmp_path, monkeypatch):
+    """Killed after the second segment of the first run trained and checkpointed but before its record was
+    written: --resume measures that checkpoint instead of training again, and every number matches the
+    uninterrupted lab."""
+    from adrpo_diffusion.lab import experiment
+
+    measure, calls = experiment.HeldoutProbe.measure, []
+
+    def killed_on_the_second_call(self, trainer):
+        calls.append(trainer.step)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measure(self, trainer)
+
+    out = tmp_path / "lab"
+    monkeypatch.setattr(experiment.HeldoutProbe, "measure", killed_on_the_second_call)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.main(["--quick", "--output_dir", str(out)])
+    assert calls == [1, 2] and not (out / "results.json").exists()
+    monkeypatch.setattr(experiment.HeldoutProbe, "measure", measure)
+    with pytest.raises(ValueError, match="other settings"):
+        experiment.main(["--quick", "--output_dir", str(out), "--resume", "--sampler_steps", "4"])
+    assert experiment.main(["--quick", "--output_dir", str(out), "--resume"]) == 0
+    resumed, uninterrupted = (json.loads((d / "results.json").read_text()) for d in (out, quick_lab))
+    assert resumed["base"] == uninterrupted["base"] and resumed["runs"] == uninterrupted["runs"]
+
+
+def test_lab_refuses_to_overwrite_a_directory_it_did_not_write(tmp_path):
+    from adrpo_diffusion.lab.experiment import main, prepare_output_dir
+
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a method-lab output"):
+        main(["--quick", "--output_dir", str(other)])
+    assert (other / "notes.txt").read_text() == "keep me"
+    previous = tmp_path / "lab"
+    (previous / "runs" / "adrpo").mkdir(parents=True)
+    (previous / "results.json").write_text("{}")
+    assert prepare_output_dir(str(previous)) == previous
+    assert not (previous / "runs").exists()  # a new lab never resumes an old lab's checkpoints
+    with pytest.raises(SystemExit):
+        main(["--steps", "5", "--eval_every", "2", "--output_dir", str(tmp_path / "new")])
+
+
+def test_the_shapes_config_trains_like_the_labs_adrpo_run():
+    from adrpo_diffusion.config import load_config
+    from adrpo_diffusion.lab.experiment import LabSettings
+
+    config = load_config("configs/tiny_shapes_cpu.yaml", {})
+    lab = LabSettings().training()
+    shared = ("pretrained_model", "prompt_file", "reward", "reward_scale", "method", "beta0", "advantage_min",
+              "advantage_max", "prompts_per_step", "images_per_prompt", "num_inference_steps", "guidance_scale",
+              "resolution", "max_sequence_length", "timesteps_per_sample", "lora_rank", "lora_alpha",
+              "learning_rate", "max_grad_norm")
+    assert {k: getattr(config, k) for k in shared} == {k: lab[k] for k in shared}
