@@ -80,3 +80,17 @@ def decode_latents(pipe, latents: torch.Tensor, batch_size: int) -> torch.Tensor
         z = latents[start : start + batch_size].to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         images.append(pipe.image_processor.postprocess(vae.decode(z, return_dict=False)[0], output_type="pt").float())
     return torch.cat(images)
+
+
+def image_grid(images: torch.Tensor, cols: int):
+    """A PIL grid of images ``(N, 3, H, W)`` in ``[0, 1]``, ``cols`` per row, the last row padded with black."""
+    import math
+
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
+    pil = [Image.fromarray((img.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()) for img in images]
+    cols = min(len(pil), cols)
+    rows = math.ceil(len(pil) / cols)
+    pil += [Image.new("RGB", pil[0].size)] * (rows * cols - len(pil))
+    return make_image_grid(pil, rows=rows, cols=cols)

@@ -27,7 +27,7 @@ from .config import TrainConfig
 from .losses import flow_matching_pair, method_weights, sample_times, weighted_fm_w2_loss
 from .models import add_lora, check_model_source, load_sd3_pipeline
 from .prompts import PromptSampler, load_prompts
-from .sampling import decode_latents, encode_prompts, free_text_encoders, sample_latents
+from .sampling import decode_latents, encode_prompts, free_text_encoders, image_grid, sample_latents
 from .scorers import build_scorer, check_scorer
 
 
@@ -238,15 +238,10 @@ class Trainer:
         return self._score(images, [i for i, _ in pairs]).cpu(), images
 
     def _save_samples(self, images: torch.Tensor, name: str) -> None:
-        from diffusers.utils import make_image_grid
-        from PIL import Image
-
-        pil = [Image.fromarray((img.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()) for img in images]
-        cols = min(len(pil), max(1, len(self.eval_indices)))
-        rows = math.ceil(len(pil) / cols)
-        pil += [Image.new("RGB", pil[0].size)] * (rows * cols - len(pil))
+        if not len(images):  # eval_prompts: 0
+            return
         (self.output_dir / "samples").mkdir(parents=True, exist_ok=True)
-        make_image_grid(pil, rows=rows, cols=cols).save(self.output_dir / "samples" / f"{name}.png")
+        image_grid(images, cols=max(1, len(self.eval_indices))).save(self.output_dir / "samples" / f"{name}.png")
 
     # ------------------------------------------------------------------ one iteration
     def train_step(self) -> dict:

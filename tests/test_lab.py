@@ -257,3 +257,4 @@ def test_the_shapes_config_trains_like_the_labs_adrpo_run():
               "resolution", "max_sequence_length", "timesteps_per_sample", "lora_rank", "lora_alpha",
               "learning_rate", "max_grad_norm")
     assert {k: getattr(config, k) for k in shared} == {k: lab[k] for k in shared}
+    assert config.max_steps == LabSettings().steps
