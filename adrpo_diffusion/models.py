@@ -162,34 +162,35 @@ def _blocks_batch(n: int, generator: torch.Generator, size: int = 32) -> torch.T
     return images * 2 - 1
 
 
-def _fit_tiny_vae(vae, steps: int = 150, batch_size: int = 16, seed: int = 0) -> None:
-    """Briefly train the tiny VAE to reconstruct coloured blocks (~10 s on a CPU), then set SD3's latent
-    scale and shift from its latent statistics. A randomly initialised decoder's GroupNorms wash out the
-    latents' colour information, leaving a reward almost nothing that a fine-tuned transformer can change."""
+def fit_tiny_vae(vae, batches, steps: int, batch_size: int = 16, seed: int = 0, decode_mean: bool = False) -> list[float]:
+    """Briefly train a tiny VAE to reconstruct images of ``batches(n, generator)`` (in [-1, 1]), decoding a
+    posterior sample (or its mean: sharper edges within few steps), then set SD3's latent scale and shift from
+    its latent statistics. Returns the loss of every step. A randomly initialised decoder's GroupNorms wash out
+    the latents' colour information, leaving a reward almost nothing that a fine-tuned transformer can change."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    losses = []
     for _ in range(steps):
-        images = _blocks_batch(batch_size, generator)
+        images = batches(batch_size, generator)
         posterior = vae.encode(images).latent_dist
-        reconstruction = vae.decode(posterior.sample(generator=generator)).sample
-        loss = (reconstruction - images).pow(2).mean() + 1e-4 * posterior.kl().mean()
+        z = posterior.mean if decode_mean else posterior.sample(generator=generator)
+        loss = (vae.decode(z).sample - images).pow(2).mean() + 1e-4 * posterior.kl().mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        losses.append(loss.item())
     with torch.no_grad():
-        latents = vae.encode(_blocks_batch(256, generator)).latent_dist.mean
+        latents = vae.encode(batches(256, generator)).latent_dist.mean
     vae.register_to_config(shift_factor=round(latents.mean().item(), 4), scaling_factor=round(1 / latents.std().item(), 4))
     vae.requires_grad_(False)
+    return losses
 
 
-def build_tiny_sd3(target: str | os.PathLike, seed: int = 0) -> Path:
-    """Build a tiny SD3 pipeline of the real diffusers classes with random weights and save it to ``target``.
-
-    32x32 images, a VAE with 4 latent channels (16x16 latents) briefly fitted to coloured blocks, a 2-block
-    transformer (random) and two 32-wide CLIP text encoders (random) with a character-level tokenizer; no T5
-    (the pipeline then feeds zeros, as SD3 does when ``text_encoder_3`` is dropped). Saved with
-    :func:`save_pipeline_atomically`.
-    """
+def tiny_sd3_pipeline(transformer_config: dict, fit_vae, seed: int = 0, tokenizer_length: int = 77):
+    """A tiny SD3 pipeline of the real diffusers classes with seeded random weights: 32x32 images, a VAE with
+    4 latent channels (16x16 latents) fitted by ``fit_vae(vae)``, an ``SD3Transformer2DModel(**transformer_config)``
+    and two 32-wide CLIP text encoders with a character-level tokenizer; no T5 (the pipeline then feeds zeros, as
+    SD3 does when ``text_encoder_3`` is dropped)."""
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -199,33 +200,38 @@ def build_tiny_sd3(target: str | os.PathLike, seed: int = 0) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
-        pos_embed_max_size=32,
-    )
+    transformer = SD3Transformer2DModel(**transformer_config)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         layers_per_block=1, norm_num_groups=8, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
     )
-    _fit_tiny_vae(vae, seed=seed)
-    text_encoders = []
-    for _ in range(2):
-        text_config = CLIPTextConfig(
+    fit_vae(vae)
+    text_encoders = [
+        CLIPTextModelWithProjection(CLIPTextConfig(
             vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
             max_position_embeddings=77, projection_dim=32, bos_token_id=512, eos_token_id=513, pad_token_id=513,
             hidden_act="gelu",
-        )
-        text_encoders.append(CLIPTextModelWithProjection(text_config))
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    tokenizer = _char_tokenizer()
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=scheduler, vae=vae,
-        text_encoder=text_encoders[0], tokenizer=tokenizer,
-        text_encoder_2=text_encoders[1], tokenizer_2=tokenizer,
+        ))
+        for _ in range(2)
+    ]
+    tokenizer = _char_tokenizer(tokenizer_length)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoders[0], tokenizer=tokenizer, text_encoder_2=text_encoders[1], tokenizer_2=tokenizer,
         text_encoder_3=None, tokenizer_3=None,
     )
+
+
+def build_tiny_sd3(target: str | os.PathLike, seed: int = 0) -> Path:
+    """Build ``builtin:tiny-sd3`` (:func:`tiny_sd3_pipeline` with a random 2-block transformer and the VAE briefly
+    fitted to coloured blocks, ~10 s on a CPU) and save it to ``target`` with :func:`save_pipeline_atomically`."""
+    transformer_config = dict(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=32,
+    )
+    pipe = tiny_sd3_pipeline(transformer_config, lambda vae: fit_tiny_vae(vae, _blocks_batch, steps=150, seed=seed), seed)
     return save_pipeline_atomically(pipe, target)
 
 

@@ -4,7 +4,7 @@ The same diffusers classes and tiny architecture family as ``builtin:tiny-sd3`` 
 ``AutoencoderKL``, two ``CLIPTextModelWithProjection`` with the character-level tokenizer, no T5,
 ``FlowMatchEulerDiscreteScheduler``), built from configs with seeded random weights, then:
 
-1. the VAE is fitted to reconstruct shapes images (:func:`fit_shapes_vae`);
+1. the VAE is fitted to reconstruct shapes images (:func:`build_untrained_pipeline`);
 2. the transformer learns the conditional flow of shapes latents given their captions, with the text encoders
    frozen at their random weights (their outputs still differ per caption; the transformer learns to read them).
    The loss, on minibatches of a bank of ``BANK_SIZE`` generated images encoded once:
@@ -49,57 +49,21 @@ WARMUP_STEPS = 50
 MAX_SEQUENCE_LENGTH = 8  # the T5 slot's length (zeros without T5), as in configs/tiny_cpu.yaml
 
 
-def fit_shapes_vae(vae, steps: int = VAE_STEPS, batch_size: int = 16, seed: int = 0) -> list[float]:
-    """Train the tiny VAE to reconstruct shapes images from its posterior mean (a deterministic auto-encoder
-    with a small KL term: decoding a posterior sample instead blurs the sharp edges within this few steps),
-    then set SD3's latent scale and shift from its latent statistics. Returns the loss of every step."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(steps):
-        images = sample_batch(batch_size, generator)[0] * 2 - 1
-        posterior = vae.encode(images).latent_dist
-        loss = (vae.decode(posterior.mean).sample - images).pow(2).mean() + 1e-4 * posterior.kl().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    with torch.no_grad():
-        latents = vae.encode(sample_batch(256, generator)[0] * 2 - 1).latent_dist.mean
-    vae.register_to_config(shift_factor=round(latents.mean().item(), 4), scaling_factor=round(1 / latents.std().item(), 4))
-    vae.requires_grad_(False)
-    return losses
+def shapes_batch(n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` shapes images in [-1, 1] (the VAE's input range)."""
+    return sample_batch(n, generator)[0] * 2 - 1
 
 
 def build_untrained_pipeline(seed: int = 0, vae_steps: int = VAE_STEPS):
-    """The pipeline with seeded random weights: the VAE fitted to shapes images, the transformer untrained."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    """The pipeline with seeded random weights, the transformer untrained and the VAE fitted to shapes images as
+    a deterministic auto-encoder with a small KL term (decoding the posterior mean: a posterior sample blurs the
+    sharp edges within this few steps)."""
+    from ..models import fit_tiny_vae, tiny_sd3_pipeline
 
-    from ..models import _char_tokenizer
+    def fit_vae(vae):
+        fit_tiny_vae(vae, shapes_batch, steps=vae_steps, seed=seed, decode_mean=True)
 
-    torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(**TRANSFORMER_CONFIG)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, norm_num_groups=8, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
-    )
-    fit_shapes_vae(vae, steps=vae_steps, seed=seed)
-    text_encoders = [
-        CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=77, projection_dim=32, bos_token_id=512, eos_token_id=513, pad_token_id=513,
-            hidden_act="gelu",
-        ))
-        for _ in range(2)
-    ]
-    tokenizer = _char_tokenizer(TOKENIZER_LENGTH)
-    return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-        text_encoder=text_encoders[0], tokenizer=tokenizer, text_encoder_2=text_encoders[1], tokenizer_2=tokenizer,
-        text_encoder_3=None, tokenizer_3=None,
-    )
+    return tiny_sd3_pipeline(TRANSFORMER_CONFIG, fit_vae, seed, tokenizer_length=TOKENIZER_LENGTH)
 
 
 @torch.no_grad()
