@@ -70,7 +70,8 @@ def model_settings(model: ModelSpec, cfg: EvalConfig) -> dict:
     return settings
 
 
-def _write_atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then one rename: never a half-written file."""
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     write(tmp)
     os.replace(tmp, path)
@@ -180,8 +181,8 @@ def run_pipeline(pipe, model: ModelSpec, resolution: int, batch: list[ImageRecor
 def _save(root: Path, record: ImageRecord, image, settings: dict) -> None:
     path = root / record.path
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
     sidecar = {**asdict(record), "image_seed": image_seed(record.seed, record.prompt_index, record.k),
                "settings": settings}
     del sidecar["path"]
-    _write_atomic(_record_path(root, record), lambda tmp: tmp.write_text(json.dumps(sidecar, indent=1)))
+    write_atomic(_record_path(root, record), lambda tmp: tmp.write_text(json.dumps(sidecar, indent=1)))

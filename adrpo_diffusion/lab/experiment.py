@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import gc
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -253,9 +252,9 @@ def prepare_output_dir(path: str, resume: bool = False) -> Path:
 
 def _write_json(path: Path, value) -> None:
     """Write atomically: a killed lab never leaves a half-written file behind."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    tmp.replace(path)
+    from ..evaluation.generate import write_atomic
+
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(value, indent=1)))
 
 
 def run_lab(settings: LabSettings, resume: bool = False) -> dict:
@@ -273,8 +272,8 @@ def run_lab(settings: LabSettings, resume: bool = False) -> dict:
     if resume and settings_file.is_file() and json.loads(settings_file.read_text()) != dataclasses.asdict(settings):
         raise ValueError(f"--resume: {settings_file} was written with other settings; resume with the same options")
     _write_json(settings_file, dataclasses.asdict(settings))
-    num_prompts = len(load_prompts(settings.prompt_file))
-    probe = HeldoutProbe(num_prompts, settings.eval_images, settings.eval_seed)
+    prompts = load_prompts(settings.prompt_file)
+    probe = HeldoutProbe(len(prompts), settings.eval_images, settings.eval_seed)
     runs = lab_runs(settings)
     results = {"settings": dataclasses.asdict(settings), "base": None, "runs": {}}
     start = time.perf_counter()
@@ -297,7 +296,7 @@ def run_lab(settings: LabSettings, resume: bool = False) -> dict:
                     if results["base"] is None:  # also fixes the probe's W2 inputs, so it runs on resume too
                         results["base"], base_images = probe.measure_base(trainer)
                         _save_grid(base_images, settings.eval_images, out / "samples_base.png")
-                        _save_grid(data_images(load_prompts(settings.prompt_file), settings.eval_images),
+                        _save_grid(data_images(prompts, settings.eval_images),
                                    settings.eval_images, out / "samples_data.png")
                     if end > done:
                         trainer.train()
@@ -340,29 +339,24 @@ def _save_grid(images: torch.Tensor, per_prompt: int, path: Path) -> None:
 # Summaries, table, plots
 
 
-def mean_se(values: list[float]) -> tuple[float, float]:
-    """Mean and standard error (sample standard deviation / sqrt(n); NaN for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, math.nan
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
 def trajectory(run: dict, metric: str) -> tuple[list[int], list[float], list[float]]:
     """Steps, and the mean and standard error over seeds of ``metric`` at each step."""
+    from ..evaluation.aggregate import mean_and_se
+
     per_seed = list(run["seeds"].values())
     steps = [r["step"] for r in per_seed[0]]
-    stats = [mean_se([records[k][metric] for records in per_seed]) for k in range(len(steps))]
+    stats = [mean_and_se([records[k][metric] for records in per_seed]) for k in range(len(steps))]
     return steps, [m for m, _ in stats], [s for _, s in stats]
 
 
-def _fmt(mean: float, se: float, digits: int) -> str:
-    return f"{mean:.{digits}f} ± {se:.{digits}f}" if not math.isnan(se) else f"{mean:.{digits}f}"
+def _fmt(mean: float, se: float | None, digits: int) -> str:
+    return f"{mean:.{digits}f}" if se is None else f"{mean:.{digits}f} ± {se:.{digits}f}"
 
 
 def render_table(results: dict) -> str:
     """Markdown: per group, the final held-out values of every run (mean ± SE over seeds) and the base."""
+    from ..evaluation.aggregate import mean_and_se
+
     base = results["base"]
     settings = results["settings"]
     lines = [
@@ -387,13 +381,13 @@ def render_table(results: dict) -> str:
             finals = list(results["runs"][name]["seeds"].values())
 
             def final(metric, digits=3, finals=finals):
-                return _fmt(*mean_se([records[-1][metric] for records in finals]), digits)
+                return _fmt(*mean_and_se([records[-1][metric] for records in finals]), digits)
 
-            gain = _fmt(*mean_se([records[-1]["reward"] - base["reward"] for records in finals]), 3)
+            gain = _fmt(*mean_and_se([records[-1]["reward"] - base["reward"] for records in finals]), 3)
             heldout_se = sum(records[-1]["reward_gain_se"] for records in finals) / len(finals)
             lines.append(f"| {name} | {final('reward')} | {gain} | {heldout_se:.3f} | {final('colour')} | {final('shape')} | "
                          f"{final('count')} | {final('position')} | {final('pixel_diversity')} | "
-                         f"{final('feature_diversity')} | {_fmt(*mean_se([r[-1]['w2_divergence'] for r in finals]), 5)} |")
+                         f"{final('feature_diversity')} | {_fmt(*mean_and_se([r[-1]['w2_divergence'] for r in finals]), 5)} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -421,7 +415,7 @@ def plot_results(results: dict, out: Path) -> list[Path]:
                     _, x, x_se = trajectory(run, x_metric)
                     _, y, y_se = trajectory(run, "reward")
                     line, = ax.plot(x, y, marker="o", markersize=3, label=name)
-                    ax.errorbar(x[-1], y[-1], xerr=_finite(x_se[-1]), yerr=_finite(y_se[-1]), color=line.get_color(),
+                    ax.errorbar(x[-1], y[-1], xerr=x_se[-1], yerr=y_se[-1], color=line.get_color(),
                                 marker="s", capsize=3)
                 ax.scatter([x[0]], [y[0]], color="black", zorder=5, label="base")
                 ax.set_xlabel(x_metric.replace("_", " "))
@@ -438,7 +432,7 @@ def plot_results(results: dict, out: Path) -> list[Path]:
             for name, run in runs.items():
                 steps, mean, se = trajectory(run, metric)
                 line, = ax.plot(steps, mean, marker="o", markersize=3, label=name)
-                if not any(math.isnan(s) for s in se):
+                if None not in se:
                     ax.fill_between(steps, [m - s for m, s in zip(mean, se)], [m + s for m, s in zip(mean, se)],
                                     color=line.get_color(), alpha=0.15)
             ax.set_xlabel("training step")
@@ -451,10 +445,6 @@ def plot_results(results: dict, out: Path) -> list[Path]:
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
     return written
-
-
-def _finite(value: float) -> float | None:
-    return None if math.isnan(value) else value
 
 
 def main(argv=None) -> int:
