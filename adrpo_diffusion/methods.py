@@ -143,12 +143,6 @@ def methods_help() -> str:
     return "\n".join(lines)
 
 
-def _clip_problems(advantage_min: float, advantage_max: float) -> list[str]:
-    if advantage_min >= advantage_max:
-        return [f"advantage_min ({advantage_min}) must be < advantage_max ({advantage_max})"]
-    return []
-
-
 def _advantage_metrics(raw: torch.Tensor, clipped: torch.Tensor | None = None, clip_range=None) -> dict[str, float]:
     """The spread of the rewards inside the prompt groups (every method), and for advantage-weighted methods the
     clipped advantages and the fraction clipped."""
@@ -178,8 +172,26 @@ class WeightedFlowMatching(Method):
         return loss, {"loss": loss.detach(), **parts}
 
 
+class AdvantageWeighted(WeightedFlowMatching):
+    """``w_fm = A``, the group advantage clipped to ``[advantage_min, advantage_max]``; subclasses give ``w_w2``."""
+
+    def problems(self, images_per_prompt):
+        if self.advantage_min >= self.advantage_max:
+            return [f"advantage_min ({self.advantage_min}) must be < advantage_max ({self.advantage_max})"]
+        return []
+
+    def w2_weights(self, advantages: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weights(self, rewards, group_ids):
+        raw = group_advantages(rewards, group_ids, clip_range=None)
+        clip_range = (self.advantage_min, self.advantage_max)
+        clipped = raw.clamp(min=clip_range[0], max=clip_range[1])
+        return clipped, self.w2_weights(clipped), _advantage_metrics(raw, clipped, clip_range)
+
+
 @register_method
-class ADRPO(WeightedFlowMatching):
+class ADRPO(AdvantageWeighted):
     """ADRPO, Eq. 6: w_fm = A, w_w2 = beta0 - A, with A the clipped group advantage."""
 
     name: ClassVar[str] = "adrpo"
@@ -188,7 +200,7 @@ class ADRPO(WeightedFlowMatching):
     advantage_max: float = documented(1.0, "A_max: upper clip of the advantages (> beta0 warns: negative W2 weight).")
 
     def problems(self, images_per_prompt):
-        problems = _clip_problems(self.advantage_min, self.advantage_max)
+        problems = super().problems(images_per_prompt)
         if self.beta0 <= 0:
             problems.append(f"beta0 must be > 0 (the loss is beta0 * ||v - v*||^2 + const), got {self.beta0}")
         return problems
@@ -199,15 +211,12 @@ class ADRPO(WeightedFlowMatching):
         return [f"advantage_max ({self.advantage_max}) > beta0 ({self.beta0}): samples with A > beta0 get a negative "
                 "W2 weight, i.e. the target extrapolates past the sample (DESIGN.md section 2)."]
 
-    def weights(self, rewards, group_ids):
-        raw = group_advantages(rewards, group_ids, clip_range=None)
-        clip_range = (self.advantage_min, self.advantage_max)
-        clipped = raw.clamp(min=clip_range[0], max=clip_range[1])
-        return clipped, self.beta0 - clipped, _advantage_metrics(raw, clipped, clip_range)
+    def w2_weights(self, advantages):
+        return self.beta0 - advantages
 
 
 @register_method
-class FixedBeta(WeightedFlowMatching):
+class FixedBeta(AdvantageWeighted):
     """The ablation without adaptivity: w_fm = A (clipped group advantage), w_w2 = beta."""
 
     name: ClassVar[str] = "fixed-beta"
@@ -216,14 +225,11 @@ class FixedBeta(WeightedFlowMatching):
     advantage_max: float = documented(1.0, "A_max: upper clip of the advantages.")
 
     def problems(self, images_per_prompt):
-        problems = _clip_problems(self.advantage_min, self.advantage_max)
+        problems = super().problems(images_per_prompt)
         return problems + ([f"beta must be >= 0, got {self.beta}"] if self.beta < 0 else [])
 
-    def weights(self, rewards, group_ids):
-        raw = group_advantages(rewards, group_ids, clip_range=None)
-        clip_range = (self.advantage_min, self.advantage_max)
-        clipped = raw.clamp(min=clip_range[0], max=clip_range[1])
-        return clipped, torch.full_like(rewards, self.beta), _advantage_metrics(raw, clipped, clip_range)
+    def w2_weights(self, advantages):
+        return torch.full_like(advantages, self.beta)
 
 
 @register_method
