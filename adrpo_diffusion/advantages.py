@@ -53,12 +53,12 @@ def preference_pairs(
         members = torch.nonzero(group_ids == group).flatten()
         r = rewards[members]
         if all_pairs:
-            w, l = torch.nonzero(r[:, None] - r[None, :] > min_gap, as_tuple=True)
+            best, worst = torch.nonzero(r[:, None] - r[None, :] > min_gap, as_tuple=True)
         else:
-            w, l = r.argmax().view(1), r.argmin().view(1)
-            keep = r[w] - r[l] > min_gap
-            w, l = w[keep], l[keep]
-        skipped += int(w.numel() == 0)
-        winners.append(members[w])
-        losers.append(members[l])
+            best, worst = r.argmax().view(1), r.argmin().view(1)
+            keep = r[best] - r[worst] > min_gap
+            best, worst = best[keep], worst[keep]
+        skipped += int(best.numel() == 0)
+        winners.append(members[best])
+        losers.append(members[worst])
     return torch.cat(winners), torch.cat(losers), skipped

@@ -275,8 +275,9 @@ class Bench:
         return torch.bfloat16 if (s.dtype == "bf16" and self.device.type == "cuda") else torch.float32
 
     def run(self, s: Scenario, repeats: int) -> dict:
+        from .methods import build_method
         from .sampling import decode_latents
-        from .trainer import adapters_disabled, fm_w2_loss_on_batch
+        from .trainer import adapters_disabled, micro_batch_loss
 
         dtype = self.param_dtype(s)
         if self.vae.dtype != dtype:
@@ -341,9 +342,10 @@ class Bench:
                 t = torch.rand(n, generator=g).to(self.device)
                 embeds, pooled = self.embeddings(n, dtype)
                 advantages = torch.linspace(-1, 1, n, device=self.device)
+                adrpo, weights = build_method("adrpo", {}, images_per_prompt=2), {"fm": advantages, "w2": 1.0 - advantages}
 
                 def train_step():
-                    loss, _ = fm_w2_loss_on_batch(model, reference, x1, noise, t, embeds, pooled, advantages, 1.0 - advantages)
+                    loss, _ = micro_batch_loss(adrpo, model, reference, x1, noise, t, embeds, pooled, weights)
                     loss.backward()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
