@@ -1,4 +1,4 @@
-"""Group-relative advantages (pure tensor code).
+"""Group-relative advantages and winner/loser pairs (pure tensor code).
 
 For sample i of prompt group g(i) with K samples:
 
@@ -39,3 +39,26 @@ def local_slice(global_values: torch.Tensor, process_index: int, local_size: int
     """This process's part of a tensor gathered in process order (``accelerator.gather`` concatenates
     equally sized per-process tensors by rank)."""
     return global_values[process_index * local_size : (process_index + 1) * local_size]
+
+
+def preference_pairs(
+    rewards: torch.Tensor, group_ids: torch.Tensor, all_pairs: bool = False, min_gap: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Winner/loser pairs inside each group, as sample indices ``(winners, losers)``, and the number of groups
+    that gave no pair. Default: one pair per group, its best and worst sample (first index on ties); with
+    ``all_pairs``: every ordered pair ``(i, j)`` of the group with ``R_i - R_j > min_gap``. Either way a pair
+    needs a gap above ``min_gap``, so a group whose rewards are all equal (or NaN) gives none."""
+    winners, losers, skipped = [], [], 0
+    for group in torch.unique(group_ids):
+        members = torch.nonzero(group_ids == group).flatten()
+        r = rewards[members]
+        if all_pairs:
+            best, worst = torch.nonzero(r[:, None] - r[None, :] > min_gap, as_tuple=True)
+        else:
+            best, worst = r.argmax().view(1), r.argmin().view(1)
+            keep = r[best] - r[worst] > min_gap
+            best, worst = best[keep], worst[keep]
+        skipped += int(best.numel() == 0)
+        winners.append(members[best])
+        losers.append(members[worst])
+    return torch.cat(winners), torch.cat(losers), skipped

@@ -275,8 +275,9 @@ class Bench:
         return torch.bfloat16 if (s.dtype == "bf16" and self.device.type == "cuda") else torch.float32
 
     def run(self, s: Scenario, repeats: int) -> dict:
+        from .methods import build_method
         from .sampling import decode_latents
-        from .trainer import adapters_disabled, fm_w2_loss_on_batch
+        from .trainer import adapters_disabled, micro_batch_loss
 
         dtype = self.param_dtype(s)
         if self.vae.dtype != dtype:
@@ -341,9 +342,10 @@ class Bench:
                 t = torch.rand(n, generator=g).to(self.device)
                 embeds, pooled = self.embeddings(n, dtype)
                 advantages = torch.linspace(-1, 1, n, device=self.device)
+                adrpo, weights = build_method("adrpo", {}, images_per_prompt=2), {"fm": advantages, "w2": 1.0 - advantages}
 
                 def train_step():
-                    loss, _ = fm_w2_loss_on_batch(model, reference, x1, noise, t, embeds, pooled, advantages, 1.0 - advantages)
+                    loss, _ = micro_batch_loss(adrpo, model, reference, x1, noise, t, embeds, pooled, weights)
                     loss.backward()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -384,8 +386,8 @@ class Bench:
 
 def method_overhead(bench: Bench, repeats: int) -> dict:
     """Train-step time of ADRPO versus orw-cfm-w2, fixed-beta and raft on identical batches (CPU ratios)."""
-    from .losses import method_weights
-    from .trainer import adapters_disabled, fm_w2_loss_on_batch
+    from .methods import build_method
+    from .trainer import adapters_disabled, micro_batch_loss
 
     dtype = torch.float32
     bench.run(Scenario("warm-up", dtype="fp32", phases=("train",)), 1)  # also puts the models in fp32
@@ -398,17 +400,18 @@ def method_overhead(bench: Bench, repeats: int) -> dict:
     params = [p for p in bench.transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6)
     steps = {}
-    for method in ("adrpo", "orw-cfm-w2", "fixed-beta", "raft"):
-        w = method_weights(method, rewards, groups, raft_top_k=1)
-        reference = adapters_disabled(bench.transformer) if w.needs_reference else None
+    for name in ("adrpo", "orw-cfm-w2", "fixed-beta", "raft"):  # every sample, one t each (DPO trains on pairs)
+        method = build_method(name, {}, images_per_prompt=4)
+        plan = method.plan(rewards, groups, rank=0, n_local=n)
+        reference = adapters_disabled(bench.transformer) if plan.needs_reference else None
 
-        def step(reference=reference, w=w):
-            loss, _ = fm_w2_loss_on_batch(bench.transformer, reference, x1, noise, t, embeds, pooled, w.fm, w.w2)
+        def step(method=method, reference=reference, values=plan.values):
+            loss, _ = micro_batch_loss(method, bench.transformer, reference, x1, noise, t, embeds, pooled, values)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        steps[method] = step
+        steps[name] = step
     # interleaved rounds, so that load from elsewhere on the machine hits every method alike
     times = {method: [] for method in steps}
     for _ in range(max(repeats, 5)):

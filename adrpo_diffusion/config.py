@@ -8,22 +8,17 @@ import dataclasses
 import difflib
 import typing
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from .losses import METHODS
+from .methods import available_methods, build_method, method_problems, methods_help, methods_with_option
+from .methods import documented as _f
 
 
 class ConfigError(ValueError):
     pass
-
-
-def _f(default, help: str, **kwargs):
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
 
 
 @dataclass
@@ -55,13 +50,9 @@ class TrainConfig:
     reward_options: dict = _f({}, "Options for the reward scorer, e.g. {model: openai/clip-vit-large-patch14}.")
     reward_scale: float = _f(1.0, "Multiplies the scorer's output. CLIP score is 100*cos: rewards spread by O(1) inside a group.")
     # --- method
-    method: str = _f("adrpo", f"One of {', '.join(METHODS)}.")
-    beta0: float = _f(1.0, "ADRPO: base regularisation strength; the W2 weight of a sample is beta0 - A.")
-    advantage_min: float = _f(-1.0, "A_min: lower clip of the advantages.")
-    advantage_max: float = _f(1.0, "A_max: upper clip of the advantages.")
-    beta: float = _f(1.0, "fixed-beta and orw-cfm-w2: the constant W2 weight.")
-    orw_tau: float = _f(1.0, "orw-cfm-w2: temperature of the reward weights exp(tau R) / mean exp(tau R).")
-    raft_top_k: int = _f(1, "raft: samples kept per prompt group.")
+    method: str = _f("adrpo", f"One of {', '.join(available_methods())}; its parameters go in method_options.")
+    method_options: dict = _f({}, "Parameters of the method, e.g. {beta0: 1.0, advantage_min: -1.0, advantage_max: 1.0} "
+                                  "for adrpo; each method's are listed at the end of --help.")
     # --- loss
     time_sampling: str = _f("uniform", "t ~ uniform (the paper) or logit_normal.")
     logit_mean: float = _f(0.0, "logit_normal: mean.")
@@ -122,7 +113,10 @@ def unknown_key_error(keys, source: str) -> ConfigError:
     lines = []
     for key in keys:
         close = difflib.get_close_matches(key, FIELDS, n=1)
-        lines.append(f"  {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        owners = methods_with_option(key)
+        hint = (f" (a parameter of {', '.join(owners)}: give it in method_options)" if owners
+                else f" (did you mean {close[0]!r}?)" if close else "")
+        lines.append(f"  {key!r}{hint}")
     return ConfigError(f"Unknown config key(s) in {source}:\n" + "\n".join(lines) + "\nValid keys: " + ", ".join(FIELDS))
 
 
@@ -151,19 +145,9 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
 
 def validate(cfg: TrainConfig) -> None:
     """Every check that needs no model: raises one ConfigError listing all problems."""
-    problems = []
-    if cfg.beta0 <= 0:
-        problems.append(f"beta0 must be > 0 (the loss is beta0 * ||v - v*||^2 + const), got {cfg.beta0}")
-    if cfg.advantage_min >= cfg.advantage_max:
-        problems.append(f"advantage_min ({cfg.advantage_min}) must be < advantage_max ({cfg.advantage_max})")
+    problems = method_problems(cfg.method, cfg.method_options, cfg.images_per_prompt)
     if cfg.images_per_prompt < 2:
         problems.append(f"images_per_prompt (K) must be >= 2 for a group baseline, got {cfg.images_per_prompt}")
-    if cfg.method not in METHODS:
-        problems.append(f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
-    if cfg.method == "raft" and not 1 <= cfg.raft_top_k < cfg.images_per_prompt:
-        problems.append(f"raft_top_k must be in [1, images_per_prompt - 1], got {cfg.raft_top_k}")
-    if cfg.method in ("fixed-beta", "orw-cfm-w2") and cfg.beta < 0:
-        problems.append(f"beta must be >= 0, got {cfg.beta}")
     if cfg.time_sampling not in ("uniform", "logit_normal"):
         problems.append(f"time_sampling must be uniform or logit_normal, got {cfg.time_sampling!r}")
     if cfg.mixed_precision not in ("auto", "no", "fp16", "bf16"):
@@ -185,22 +169,21 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"eval_seeds must be a list of integers, got {cfg.eval_seeds}")
     if problems:
         raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
-    if cfg.method == "adrpo" and cfg.advantage_max > cfg.beta0:
-        warnings.warn(
-            f"advantage_max ({cfg.advantage_max}) > beta0 ({cfg.beta0}): samples with A > beta0 get a negative W2 "
-            "weight, i.e. the target extrapolates past the sample (DESIGN.md section 2).", stacklevel=2,
-        )
+    for message in build_method(cfg.method, cfg.method_options, cfg.images_per_prompt).warnings():
+        warnings.warn(message, stacklevel=2)
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="adrpo-train", allow_abbrev=False,
-        description="Online RL fine-tuning of SD3-family models with LoRA (ADRPO and baselines). "
+        prog="adrpo-train", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Online RL fine-tuning of SD3-family models with LoRA (ADRPO and baselines).\n"
         "Every config key can be given as --key value; values are parsed as YAML (e.g. --eval_seeds '[1, 2]').",
+        epilog=methods_help(),
     )
     parser.add_argument("--config", help="YAML config file (see configs/).")
     for name, f in FIELDS.items():
-        parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="VALUE", help=f.metadata["help"])
+        parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="VALUE",
+                            help=f.metadata["help"].replace("%", "%%"))  # argparse reads % as a format code
     return parser
 
 

@@ -1,11 +1,11 @@
 """Flow-matching losses of ADRPO and its baselines (pure tensor code, no model code).
 
-Every method minimises one per-sample weighted sum of two squared errors,
+ADRPO and the reward-weighted baselines minimise one per-sample weighted sum of two squared errors,
 
     L = mean_i [ w_fm_i * mse_i(v_theta, target) + w_w2_i * mse_i(v_theta, v_ref) ],
 
-and differs only in the weights it derives from the rewards of the rollout batch (:func:`method_weights`).
-``mse_i`` is the mean over all non-batch elements of sample i.
+and differ only in the weights they derive from the rewards of the rollout batch (:mod:`.methods`); DPO compares
+winner/loser pairs instead (:func:`flow_dpo_loss`). ``mse_i`` is the mean over all non-batch elements of sample i.
 
 Time/sign convention (DESIGN.md section 2): with data ``x1``, noise ``x0`` and ``sigma = 1 - t``,
 diffusers' SD3 input is ``x_sigma = (1 - sigma) x1 + sigma x0`` at ``timestep = 1000 sigma`` and its
@@ -14,13 +14,8 @@ velocity target is ``x0 - x1 = -u_t``; :func:`flow_matching_pair` builds exactly
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-
-from .advantages import group_advantages
-
-METHODS = ("adrpo", "orw-cfm-w2", "raft", "fixed-beta")
+import torch.nn.functional as F
 
 
 def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -69,57 +64,34 @@ def adrpo_fm_loss(
     return loss
 
 
-@dataclass(frozen=True)
-class MethodWeights:
-    """Per-sample loss weights of one rollout batch, plus the advantage statistics worth logging."""
+def flow_dpo_margins(
+    v_w: torch.Tensor, v_w_ref: torch.Tensor, target_w: torch.Tensor,
+    v_l: torch.Tensor, v_l_ref: torch.Tensor, target_l: torch.Tensor, dpo_beta: float,
+) -> torch.Tensor:
+    """Per-pair implicit reward margin of Diffusion-DPO in flow matching, shape ``(pairs,)``:
 
-    fm: torch.Tensor
-    w2: torch.Tensor
-    advantages_raw: torch.Tensor
-    advantages: torch.Tensor
-    needs_reference: bool
+        m = -0.5 * dpo_beta * ((e_w - e_w_ref) - (e_l - e_l_ref)),
 
-
-def method_weights(
-    method: str,
-    rewards: torch.Tensor,
-    group_ids: torch.Tensor,
-    *,
-    clip_range: tuple[float, float] = (-1.0, 1.0),
-    beta0: float = 1.0,
-    beta: float = 1.0,
-    tau: float = 1.0,
-    raft_top_k: int = 1,
-) -> MethodWeights:
-    """Weights of every sample of the (global) rollout batch.
-
-    - ``adrpo``:      ``w_fm = A``, ``w_w2 = beta0 - A`` (Eq. 6), ``A`` the clipped group advantage.
-    - ``fixed-beta``: ``w_fm = A``, ``w_w2 = beta`` (the ablation that removes the adaptive part).
-    - ``orw-cfm-w2``: ``w_fm = exp(tau R_i) / mean_j exp(tau R_j)`` over the batch (non-negative, mean 1),
-      ``w_w2 = beta``.
-    - ``raft``:       ``w_fm = K / k`` for the top-k rewards of each group and 0 otherwise (so the loss is the
-      mean FM loss over the kept samples), no regulariser.
+    ``e_w = mse(v_theta(x_w), target_w)``, ``e_w_ref = mse(v_ref(x_w), target_w)`` (same for the loser ``l``), each
+    pair's two members built with the same noise and t. ``m > 0``: the policy lowered the winner's error, relative
+    to the reference, more than the loser's.
     """
-    raw = group_advantages(rewards, group_ids, clip_range=None)
-    clipped = raw.clamp(min=clip_range[0], max=clip_range[1])
-    zeros = torch.zeros_like(rewards)
-    if method == "adrpo":
-        return MethodWeights(clipped, beta0 - clipped, raw, clipped, True)
-    if method == "fixed-beta":
-        return MethodWeights(clipped, torch.full_like(rewards, beta), raw, clipped, beta != 0)
-    if method == "orw-cfm-w2":
-        fm = torch.softmax(tau * rewards.float(), dim=0) * rewards.numel()
-        return MethodWeights(fm.to(rewards.dtype), torch.full_like(rewards, beta), raw, clipped, beta != 0)
-    if method == "raft":
-        keep = zeros.clone()
-        for group in torch.unique(group_ids):
-            members = torch.nonzero(group_ids == group).flatten()
-            if raft_top_k > members.numel():
-                raise ValueError(f"raft_top_k={raft_top_k} exceeds the group size {members.numel()}")
-            keep[members[torch.topk(rewards[members], raft_top_k).indices]] = 1.0
-        fm = keep * (rewards.numel() / keep.sum())
-        return MethodWeights(fm, zeros, raw, clipped, False)
-    raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    e_w, e_w_ref = per_sample_mse(v_w, target_w), per_sample_mse(v_w_ref, target_w)
+    e_l, e_l_ref = per_sample_mse(v_l, target_l), per_sample_mse(v_l_ref, target_l)
+    return -0.5 * dpo_beta * ((e_w - e_w_ref) - (e_l - e_l_ref))
+
+
+def flow_dpo_loss(
+    v_w: torch.Tensor, v_w_ref: torch.Tensor, target_w: torch.Tensor,
+    v_l: torch.Tensor, v_l_ref: torch.Tensor, target_l: torch.Tensor, dpo_beta: float,
+) -> torch.Tensor:
+    """Diffusion-DPO (Wallace et al. 2023) for rectified flow, the mean over pairs of
+
+        -log sigmoid(-0.5 * dpo_beta * ((e_w - e_w_ref) - (e_l - e_l_ref)))
+
+    with the errors of :func:`flow_dpo_margins` (``v_*_ref`` from the frozen reference, without gradient).
+    """
+    return -F.logsigmoid(flow_dpo_margins(v_w, v_w_ref, target_w, v_l, v_l_ref, target_l, dpo_beta)).mean()
 
 
 def flow_matching_pair(

@@ -3,10 +3,11 @@
     for step in 1..max_steps:
         1. draw P prompts; sample K images each from the CURRENT policy (ODE, LoRA on); keep x1
         2. reward R = scale * scorer(decode(x1), prompt)
-        3. gather R over processes; per-sample weights from the method (ADRPO: A = clip(R - group mean),
-           w_fm = A, w_w2 = beta0 - A)
-        4. fresh noise and t per sample; minimise mean_i[w_fm_i ||v_theta - target||^2 + w_w2_i ||v_theta - v_ref||^2]
-           with v_ref the same transformer with adapters disabled, under no_grad
+        3. gather R over processes; the method turns the whole batch's rewards into a training plan
+           (ADRPO: every sample, A = clip(R - group mean), w_fm = A, w_w2 = beta0 - A; DPO: winner/loser pairs)
+        4. fresh noise and t per sample (per pair for DPO); minimise the method's loss, for ADRPO
+           mean_i[w_fm_i ||v_theta - target||^2 + w_w2_i ||v_theta - v_ref||^2], with v_ref the same transformer
+           with adapters disabled, under no_grad
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from .advantages import local_slice
 from .checkpoint import checkpoint_step, export_lora, list_checkpoints, load_lora_into, resolve_resume, save_checkpoint
 from .config import TrainConfig
-from .losses import flow_matching_pair, method_weights, sample_times, weighted_fm_w2_loss
+from .losses import flow_matching_pair, sample_times
+from .methods import Method, build_method
 from .models import add_lora, check_model_source, load_sd3_pipeline
 from .prompts import PromptSampler, load_prompts
 from .sampling import decode_latents, encode_prompts, free_text_encoders, image_grid, sample_latents
@@ -73,10 +74,10 @@ def adapters_disabled(lora_transformer):
     return forward
 
 
-def fm_w2_loss_on_batch(model, reference, x1, noise, t, embeds, pooled, fm_weights, w2_weights):
-    """The loss of one micro-batch: build ``(x_sigma, timestep, target)`` from the rollout latents, fresh noise
-    and t; ``v_ref`` from ``reference`` without gradient (skipped when ``reference`` is None); ``v_theta`` from
-    the policy; then :func:`weighted_fm_w2_loss`. Returns ``(loss, parts)``."""
+def micro_batch_loss(method: Method, model, reference, x1, noise, t, embeds, pooled, values):
+    """The loss of one micro-batch: build ``(x_sigma, timestep, target)`` from the rollout latents, noise and t;
+    ``v_ref`` from ``reference`` without gradient (skipped when ``reference`` is None); ``v_theta`` from the
+    policy; then the method's loss. Returns ``(loss, parts)``."""
     x_sigma, timestep, target = flow_matching_pair(x1, noise, t)
     inputs = dict(hidden_states=x_sigma, timestep=timestep, encoder_hidden_states=embeds, pooled_projections=pooled,
                   return_dict=False)
@@ -85,7 +86,7 @@ def fm_w2_loss_on_batch(model, reference, x1, noise, t, embeds, pooled, fm_weigh
         with torch.no_grad():
             v_ref = reference(**inputs)[0]
     v_theta = model(**inputs)[0]
-    return weighted_fm_w2_loss(v_theta, v_ref, target, fm_weights, w2_weights)
+    return method.loss(v_theta, v_ref, target, values)
 
 
 class Trainer:
@@ -121,6 +122,14 @@ class Trainer:
             raise ValueError(
                 f"prompts_per_step * images_per_prompt = {cfg.prompts_per_step * cfg.images_per_prompt} must be "
                 f"divisible by the number of processes ({acc.num_processes})."
+            )
+        self.method = build_method(cfg.method, cfg.method_options, cfg.images_per_prompt)
+        n_local = cfg.prompts_per_step * cfg.images_per_prompt // acc.num_processes
+        if self.method.whole_groups_per_process and n_local % cfg.images_per_prompt:
+            raise ValueError(
+                f"method {cfg.method} pairs samples inside a process, so each process must hold whole prompt groups: "
+                f"its {n_local} rollouts are not a multiple of images_per_prompt ({cfg.images_per_prompt}). Make "
+                f"prompts_per_step ({cfg.prompts_per_step}) a multiple of the number of processes ({acc.num_processes})."
             )
         set_seed(cfg.seed, device_specific=True)  # different rollouts on each process
         if cfg.allow_tf32 and torch.cuda.is_available():
@@ -175,6 +184,7 @@ class Trainer:
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        self._log(f"method: {self.method}")
         if self.resume_dir is not None:
             acc.load_state(str(self.resume_dir))
             self.step = checkpoint_step(self.resume_dir)
@@ -259,49 +269,22 @@ class Trainer:
         x1, images = self._policy_rollouts(local_prompt)
         t1 = time.perf_counter()
 
-        # 2. rewards; 3. per-sample weights from the whole (gathered) batch so every group is complete.
+        # 2. rewards; 3. the method's plan from the whole (gathered) batch, so every group is complete.
         rewards = self._score(images, local_prompt)
         all_rewards = acc.gather(rewards.float())
-        weights = method_weights(
-            cfg.method, all_rewards, global_group, clip_range=(cfg.advantage_min, cfg.advantage_max),
-            beta0=cfg.beta0, beta=cfg.beta, tau=cfg.orw_tau, raft_top_k=cfg.raft_top_k,
-        )
-        fm_w = local_slice(weights.fm, rank, n_local)
-        w2_w = local_slice(weights.w2, rank, n_local)
+        plan = self.method.plan(all_rewards, global_group, rank, n_local)
         t2 = time.perf_counter()
 
-        # 4. flow-matching regression with fresh noise and t, in micro-batches accumulated into one step.
-        T = cfg.timesteps_per_sample
-        rows = torch.arange(n_local).repeat(T)  # each sample T times
-        embeds, pooled = self.cache.select([local_prompt[i] for i in rows.tolist()], acc.device, self.weight_dtype)
-        x1_rep, fm_rep, w2_rep = x1[rows], fm_w[rows], w2_w[rows]
-        noise = torch.randn(x1_rep.shape, dtype=torch.float32).to(acc.device, x1.dtype)
-        t = sample_times(rows.numel(), cfg.time_sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std).to(acc.device)
-        reference = adapters_disabled(acc.unwrap_model(self.model)) if weights.needs_reference else None
-        self.model.train()
-        sums = dict.fromkeys(("loss", "loss_fm", "loss_w2", "mse_fm", "w2_divergence"), 0.0)
-        num = rows.numel()
-        starts = list(range(0, num, cfg.train_batch_size))
-        for k, start in enumerate(starts):
-            sl = slice(start, start + cfg.train_batch_size)
-            # gradients are all-reduced once, on the last micro-batch
-            sync = acc.no_sync(self.model) if k < len(starts) - 1 else contextlib.nullcontext()
-            with sync, acc.autocast():
-                loss, parts = fm_w2_loss_on_batch(self.model, reference, x1_rep[sl], noise[sl], t[sl], embeds[sl],
-                                                  pooled[sl], fm_rep[sl], w2_rep[sl])
-                share = x1_rep[sl].shape[0] / num
-                acc.backward(loss * share)
-            for key, value in {"loss": loss.detach(), **parts}.items():
-                sums[key] = sums[key] + value * share
-        sums = {k: float(v) for k, v in sums.items()}  # one device sync per step, not per micro-batch
-
-        # A non-finite loss or gradient anywhere skips the step everywhere.
-        grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-        finite = torch.tensor([float(math.isfinite(sums["loss"]) and torch.isfinite(grad_norm).item())], device=acc.device)
-        finite = bool(acc.gather(finite).min().item())
-        if finite:
+        # 4. flow-matching regression with fresh noise and t, accumulated into one step (none when the method found
+        # nothing to train on anywhere, e.g. DPO with every group's rewards equal).
+        sums, grad_norm = self._regress(plan, x1, local_prompt) if plan.global_units else ({}, torch.zeros(()))
+        # A non-finite reward, loss or gradient anywhere skips the step everywhere.
+        ok = bool(torch.isfinite(all_rewards).all()) and math.isfinite(sums.get("loss", 0.0)) and bool(grad_norm.isfinite())
+        finite = bool(acc.gather(torch.tensor([float(ok)], device=acc.device)).min().item())
+        if finite and plan.global_units:
             self.optimizer.step()
             self.lr_scheduler.step()  # the schedule counts applied updates
+        if finite:
             self.nonfinite_in_a_row = 0
         else:
             self.nonfinite_in_a_row += 1
@@ -309,28 +292,62 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
 
-        losses = acc.gather(torch.tensor([sums[k] for k in sums], device=acc.device).view(1, -1)).view(world, -1).mean(0)
-        raw, clipped = weights.advantages_raw, weights.advantages
-        clip_lo, clip_hi = cfg.advantage_min, cfg.advantage_max
+        losses = {}
+        if sums:
+            gathered = acc.gather(torch.tensor(list(sums.values()), device=acc.device).view(1, -1))
+            losses = dict(zip(sums, gathered.view(world, -1).mean(0).tolist()))
         return {
             "reward_mean": all_rewards.mean().item(),
             "reward_std": all_rewards.std().item(),
-            "advantage_mean": clipped.mean().item(),
-            "advantage_abs_mean": clipped.abs().mean().item(),
-            "advantage_raw_abs_mean": raw.abs().mean().item(),
-            "advantage_raw_std": raw.std().item(),
-            "clip_fraction": ((raw < clip_lo) | (raw > clip_hi)).float().mean().item(),
-            "fm_weight_mean": weights.fm.mean().item(),
-            "beta_tot_mean": weights.w2.mean().item(),
-            **{k: v.item() for k, v in zip(sums, losses)},
+            **plan.metrics,
+            **losses,
             "grad_norm": grad_norm.item(),
             "lr": self.lr_scheduler.get_last_lr()[0],
             "skipped_nonfinite": int(not finite),
+            "skipped_empty": int(not plan.global_units),
             "nonfinite_total": self.nonfinite_total,
             "seconds_rollout": t1 - t0,
             "seconds_reward": t2 - t1,
             "seconds_train": t3 - t2,
         }
+
+    def _regress(self, plan, x1, local_prompt) -> tuple[dict, torch.Tensor]:
+        """Step 4: fresh noise and t per unit of the plan (a sample, or a DPO pair sharing them), ``timesteps_per_sample``
+        draws each; micro-batches of whole units, each loss (a mean over its units) backpropagated times its share
+        ``units * processes / all units of all processes`` (DDP averages over processes), gradients all-reduced on
+        the last one. Returns the share-weighted sums of the loss parts and the (clipped) gradient norm."""
+        cfg, acc = self.cfg, self.accelerator
+        units = plan.rows.view(-1, plan.unit)
+        placeholder = not len(units)
+        if placeholder:  # no unit here but some elsewhere: a zero-weighted one joins the synchronised backward
+            units = torch.zeros(1, plan.unit, dtype=torch.long)
+        units = units.repeat(cfg.timesteps_per_sample, 1)
+        total = plan.global_units * cfg.timesteps_per_sample
+        rows = units.flatten()
+        embeds, pooled = self.cache.select([local_prompt[i] for i in rows.tolist()], acc.device, self.weight_dtype)
+        x1_rep = x1[rows]
+        values = {k: v[rows] for k, v in plan.values.items()}
+        noise = torch.randn((len(units), *x1.shape[1:]), dtype=torch.float32).to(acc.device, x1.dtype)
+        t = sample_times(len(units), cfg.time_sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std).to(acc.device)
+        noise, t = noise.repeat_interleave(plan.unit, dim=0), t.repeat_interleave(plan.unit)
+        reference = adapters_disabled(acc.unwrap_model(self.model)) if plan.needs_reference else None
+        self.model.train()
+        sums = {}
+        per_batch = max(1, cfg.train_batch_size // plan.unit)
+        starts = list(range(0, len(units), per_batch))
+        for k, start in enumerate(starts):
+            sl = slice(start * plan.unit, (start + per_batch) * plan.unit)
+            # gradients are all-reduced once, on the last micro-batch
+            sync = acc.no_sync(self.model) if k < len(starts) - 1 else contextlib.nullcontext()
+            with sync, acc.autocast():
+                loss, parts = micro_batch_loss(self.method, self.model, reference, x1_rep[sl], noise[sl], t[sl],
+                                               embeds[sl], pooled[sl], {key: v[sl] for key, v in values.items()})
+                share = 0.0 if placeholder else x1_rep[sl].shape[0] // plan.unit * acc.num_processes / total
+                acc.backward(loss * share)
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + value * share
+        sums = {k: float(v) for k, v in sums.items()}  # one device sync per step, not per micro-batch
+        return sums, acc.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
 
     # ------------------------------------------------------------------ the run
     def train(self) -> dict:
@@ -351,6 +368,9 @@ class Trainer:
             if acc.is_main_process:
                 with self.metrics_path.open("a") as f:
                     f.write(json.dumps(metrics) + "\n")
+            if metrics["skipped_empty"]:
+                self._log(f"step {self.step}: the method found nothing to train on (e.g. DPO: every group's rewards "
+                          "equal); no update")
             if metrics["skipped_nonfinite"]:
                 self._log(f"step {self.step}: non-finite loss or gradient, step skipped ({self.nonfinite_in_a_row} in a row)")
                 if self.nonfinite_in_a_row >= cfg.max_consecutive_nonfinite:
@@ -359,7 +379,7 @@ class Trainer:
                         "learning_rate, check the reward for NaN/inf, or resume from the last checkpoint."
                     )
             progress.update(1)
-            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4f}")
+            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics.get('loss', math.nan):.4f}")
             if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0:
                 save_checkpoint(acc, self.checkpoints_dir, self.step, cfg.checkpoints_total_limit)
             if cfg.sample_every and self.step % cfg.sample_every == 0 and acc.is_main_process:

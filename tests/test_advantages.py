@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from adrpo_diffusion.advantages import group_advantages, group_means, local_slice
-from adrpo_diffusion.losses import method_weights
+from adrpo_diffusion.advantages import group_advantages, group_means
+from adrpo_diffusion.methods import build_method
 
 
 def test_group_advantages_against_numpy():
@@ -43,9 +43,9 @@ def _worker(rank, world, port, global_rewards, groups, queue):
     n = global_rewards.numel() // world
     local_rewards = global_rewards[rank * n : (rank + 1) * n].clone()
     # what the trainer does: gather every process's rewards, weight the whole batch, keep this slice
-    weights = method_weights("adrpo", gather(local_rewards), groups, clip_range=(-1.0, 1.0), beta0=1.0)
+    plan = build_method("adrpo", {}, images_per_prompt=4).plan(gather(local_rewards), groups, state.process_index, n)
     # plain floats: a tensor would be shared through a file descriptor that dies with this process
-    queue.put((rank, local_slice(weights.fm, state.process_index, n).tolist()))
+    queue.put((rank, plan.values["fm"].tolist()))
     state.wait_for_everyone()
     state.destroy_process_group()
 

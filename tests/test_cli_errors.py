@@ -30,10 +30,11 @@ def config_file(tmp_path):
 
 
 def test_unknown_config_key_names_valid_keys(config_file, capsys):
-    code, err = run_cli(["--config", config_file("beta_0: 1.0\nmax_steps: 3\n")], capsys)
+    code, err = run_cli(["--config", config_file("learnig_rate: 1.0\nbeta0: 1.0\nmax_steps: 3\n")], capsys)
     assert code == 2
-    assert "Unknown config key(s)" in err and "'beta_0' (did you mean 'beta0'?)" in err
-    assert "Valid keys:" in err and "advantage_max" in err
+    assert "Unknown config key(s)" in err and "'learnig_rate' (did you mean 'learning_rate'?)" in err
+    assert "'beta0' (a parameter of adrpo: give it in method_options)" in err
+    assert "Valid keys:" in err and "method_options" in err
 
 
 def test_unknown_command_line_flag(capsys):
@@ -44,9 +45,13 @@ def test_unknown_command_line_flag(capsys):
 @pytest.mark.parametrize(
     "override, message",
     [
-        (["--beta0", "0"], "beta0 must be > 0"),
-        (["--beta0", "-1"], "beta0 must be > 0"),
-        (["--advantage_min", "1", "--advantage_max", "1"], "advantage_min (1.0) must be < advantage_max (1.0)"),
+        (["--method_options", "{beta0: 0}"], "beta0 must be > 0"),
+        (["--method_options", "{beta0: -1}"], "beta0 must be > 0"),
+        (["--method_options", "{advantage_min: 1, advantage_max: 1}"], "advantage_min (1.0) must be < advantage_max (1.0)"),
+        (["--method", "dpo", "--method_options", "{dpo_beta: 1}"], "unknown option 'dpo_beta' for method 'dpo' (did "
+                                                                    "you mean 'beta'?); valid: beta, pairs, min_gap"),
+        (["--method", "raft", "--method_options", "{top_k: 8}"], "top_k must be in [1, images_per_prompt - 1 = 7]"),
+        (["--method_options", "[1]"], "method_options must be dict"),
         (["--images_per_prompt", "1"], "images_per_prompt (K) must be >= 2"),
         (["--method", "ppo"], "method must be one of"),
         (["--max_steps", "two"], "max_steps must be int"),
@@ -60,13 +65,13 @@ def test_impossible_values(override, message, capsys):
 
 def test_several_problems_are_reported_together():
     with pytest.raises(ConfigError) as info:
-        load_config("configs/tiny_cpu.yaml", {"beta0": 0.0, "images_per_prompt": 1})
+        load_config("configs/tiny_cpu.yaml", {"method_options": {"beta0": 0.0}, "images_per_prompt": 1})
     assert "beta0" in str(info.value) and "images_per_prompt" in str(info.value)
 
 
 def test_warns_when_a_max_exceeds_beta0():
     with pytest.warns(UserWarning, match="negative W2"):
-        load_config("configs/tiny_cpu.yaml", {"beta0": 0.5})
+        load_config("configs/tiny_cpu.yaml", {"method_options": {"beta0": 0.5}})
 
 
 def test_overrides_are_typed():

@@ -252,8 +252,8 @@ def test_the_shapes_config_trains_like_the_labs_adrpo_run():
 
     config = load_config("configs/tiny_shapes_cpu.yaml", {})
     lab = LabSettings().training()
-    shared = ("pretrained_model", "prompt_file", "reward", "reward_scale", "method", "beta0", "advantage_min",
-              "advantage_max", "prompts_per_step", "images_per_prompt", "num_inference_steps", "guidance_scale",
+    shared = ("pretrained_model", "prompt_file", "reward", "reward_scale", "method", "method_options",
+              "prompts_per_step", "images_per_prompt", "num_inference_steps", "guidance_scale",
               "resolution", "max_sequence_length", "timesteps_per_sample", "lora_rank", "lora_alpha",
               "learning_rate", "max_grad_norm")
     assert {k: getattr(config, k) for k in shared} == {k: lab[k] for k in shared}

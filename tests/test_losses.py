@@ -4,8 +4,9 @@ import torch
 
 from adrpo_diffusion.losses import (
     adrpo_fm_loss,
+    flow_dpo_loss,
+    flow_dpo_margins,
     flow_matching_pair,
-    method_weights,
     per_sample_mse,
     sample_times,
     weighted_fm_w2_loss,
@@ -58,30 +59,32 @@ def test_weighted_loss_parts_and_missing_reference():
         weighted_fm_w2_loss(v, None, u, torch.ones(3), torch.ones(3))
 
 
-def test_method_weights():
-    rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.5, 14.0])
-    groups = torch.tensor([0, 0, 0, 1, 1, 1])
-    # group means 2 and 11.5 -> raw A = [-1, 0, 1, -1.5, -1, 2.5]
-    w = method_weights("adrpo", rewards, groups, clip_range=(-1.0, 1.0), beta0=1.0)
-    assert torch.allclose(w.advantages_raw, torch.tensor([-1.0, 0, 1, -1.5, -1, 2.5]))
-    assert torch.allclose(w.fm, torch.tensor([-1.0, 0, 1, -1, -1, 1]))
-    assert torch.allclose(w.w2, 1.0 - w.fm)
-    assert w.needs_reference
+def test_flow_dpo_loss_matches_a_per_pair_loop():
+    """-log sigmoid(-0.5 beta ((e_w - e_w_ref) - (e_l - e_l_ref))), averaged over pairs, in numpy."""
+    shape, beta = (4, 2, 3, 3), 7.5
+    v_w, v_w_ref, u_w, v_l, v_l_ref, u_l = (_rand(*shape, seed=s) for s in range(20, 26))
+    expected = []
+    for i in range(shape[0]):
+        e = [np.mean((a[i].numpy() - b[i].numpy()) ** 2)
+             for a, b in ((v_w, u_w), (v_w_ref, u_w), (v_l, u_l), (v_l_ref, u_l))]
+        margin = -0.5 * beta * ((e[0] - e[1]) - (e[2] - e[3]))
+        expected.append(np.log1p(np.exp(-margin)))  # -log sigmoid(m)
+    loss = flow_dpo_loss(v_w, v_w_ref, u_w, v_l, v_l_ref, u_l, beta)
+    assert loss.item() == pytest.approx(np.mean(expected), rel=1e-9)
+    margins = flow_dpo_margins(v_w, v_w_ref, u_w, v_l, v_l_ref, u_l, beta)
+    assert np.allclose(np.log1p(np.exp(-margins.numpy())), expected)
 
-    fixed = method_weights("fixed-beta", rewards, groups, beta=0.3)
-    assert torch.allclose(fixed.fm, w.fm) and torch.allclose(fixed.w2, torch.full((6,), 0.3))
 
-    orw = method_weights("orw-cfm-w2", rewards, groups, tau=0.5, beta=0.2)
-    expected = np.exp(0.5 * rewards.numpy())
-    expected = expected / expected.mean()
-    assert np.allclose(orw.fm.numpy(), expected, rtol=1e-5) and orw.fm.min() >= 0
-    assert torch.allclose(orw.w2, torch.full((6,), 0.2))
-
-    raft = method_weights("raft", rewards, groups, raft_top_k=1)
-    assert torch.allclose(raft.fm, torch.tensor([0.0, 0, 3, 0, 0, 3]))  # K/k = 3 on the best of each group
-    assert not raft.needs_reference and raft.w2.abs().sum() == 0
-    with pytest.raises(ValueError, match="Unknown method"):
-        method_weights("ppo", rewards, groups)
+def test_flow_dpo_loss_by_hand():
+    """One pair of 1-element tensors: e_w = 1, e_w_ref = 4, e_l = 4, e_l_ref = 1 -> margin -0.5 * 2 * (-6) = 6."""
+    one = torch.ones(1, 1)
+    loss = flow_dpo_loss(one * 1, one * 2, one * 0, one * 2, one * 1, one * 0, 2.0)
+    assert loss.item() == pytest.approx(np.log1p(np.exp(-6.0)))
+    # at the reference (v = v_ref) the loss is log 2 and its gradient lowers the winner's error
+    v_w = torch.tensor([[3.0]], requires_grad=True)
+    loss = flow_dpo_loss(v_w, v_w.detach(), one * 0, one * 2, one * 2, one * 0, 2.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(np.log(2)) and v_w.grad.item() > 0  # descent moves v_w towards 0
 
 
 def test_flow_matching_pair_follows_diffusers_sd3_convention():

@@ -100,6 +100,67 @@ def test_exported_lora_loads_in_a_fresh_diffusers_pipeline(tmp_path, tiny_sd3_di
     assert torch.allclose(loaded, trained, atol=1e-5)  # and loads at the trained strength (alpha / r = 2)
 
 
+def test_dpo_from_the_command_line_resumes_exactly_and_its_lora_loads(tmp_path, tiny_sd3_dir):
+    """adrpo-train --method dpo: 4 steps == 2 + resume + 2 to the bit; pairs, metrics; the LoRA (alpha != r) loads
+    in a fresh diffusers pipeline at the strength the trainer's own resume path gives it."""
+    import math
+
+    from diffusers import StableDiffusion3Pipeline
+
+    from adrpo_diffusion import cli
+    from adrpo_diffusion.checkpoint import load_lora_into
+    from adrpo_diffusion.models import add_lora
+
+    def run(name, *extra):
+        argv = ["--config", "configs/tiny_cpu.yaml", "--method", "dpo", "--output_dir", str(tmp_path / name),
+                "--prompts_per_step", "2", "--images_per_prompt", "4", "--timesteps_per_sample", "1",
+                "--eval_prompts", "0", "--sample_every", "0", "--checkpointing_steps", "2", "--lora_alpha", "16", *extra]
+        assert cli.train_main(argv) == 0
+
+    run("full", "--max_steps", "4")
+    run("split", "--max_steps", "2")
+    run("split", "--max_steps", "4", "--resume_from_checkpoint", "latest")
+    a, b = lora_tensors(tmp_path / "full"), lora_tensors(tmp_path / "split")
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    lines = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    rows = [{k: v for k, v in row.items() if not k.startswith("seconds_")} for row in lines]
+    assert rows == [{k: v for k, v in json.loads(line).items() if not k.startswith("seconds_")}
+                    for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["dpo_pairs"] == 2 and m["dpo_groups_skipped"] == 0 and m["skipped_empty"] == 0 for m in lines)
+    assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the policy starts at the reference
+    assert {"dpo_accuracy", "dpo_margin", "w2_divergence", "grad_norm"} <= set(lines[-1])
+
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(2, 4, 16, 16, generator=g), timestep=torch.tensor([300.0, 800.0]),
+                  encoder_hidden_states=torch.randn(2, 85, 64, generator=g), pooled_projections=torch.randn(2, 64, generator=g),
+                  return_dict=False)
+    with torch.no_grad():
+        fresh = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir, text_encoder_3=None, tokenizer_3=None)
+        base = fresh.transformer(**inputs)[0]
+        fresh.load_lora_weights(str(tmp_path / "full"))
+        loaded = fresh.transformer(**inputs)[0]
+        ours = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir, text_encoder_3=None, tokenizer_3=None).transformer
+        add_lora(ours, rank=8, alpha=16.0)
+        load_lora_into(ours, tmp_path / "full")
+        expected = ours(**inputs)[0]
+    assert not torch.equal(base, loaded)  # the adapter does something
+    assert torch.allclose(loaded, expected, atol=1e-6)
+
+
+def test_dpo_step_without_a_pair_is_a_logged_no_op(tmp_path, tiny_sd3_dir, monkeypatch, capsys):
+    trainer = Trainer(small_config(tmp_path / "run", method="dpo", max_steps=2, eval_prompts=0, checkpointing_steps=0))
+    before = {k: v.clone() for k, v in trainer.transformer.named_parameters() if v.requires_grad}
+    monkeypatch.setattr(trainer.scorer, "score", lambda images, prompts: torch.ones(len(prompts)))  # all equal
+    trainer.train()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["skipped_empty"], m["dpo_pairs"], m["dpo_groups_skipped"], m["skipped_nonfinite"]) for m in lines] == [
+        (1, 0, 2, 0), (1, 0, 2, 0)]
+    assert "no update" in capsys.readouterr().out
+    for k, v in trainer.transformer.named_parameters():
+        if v.requires_grad:
+            assert torch.equal(v, before[k]), k
+
+
 def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, tiny_sd3_dir, monkeypatch):
     trainer = Trainer(small_config(tmp_path / "run", max_steps=10, max_consecutive_nonfinite=3, checkpointing_steps=0))
     before = {k: v.clone() for k, v in trainer.transformer.named_parameters() if v.requires_grad}
@@ -113,18 +174,25 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, tiny_sd3_dir,
             assert torch.equal(v, before[k]), k  # no update was applied
 
 
-def test_two_processes_train_checkpoint_and_resume(tmp_path, tiny_sd3_dir):
-    """Two real processes (torchrun, gloo on CPU): rollouts are sharded, groups span processes, each process
-    saves its own RNG state, and a resumed run continues from the checkpoint."""
+def _torchrun(output_dir, *args):
     import subprocess
     import sys
 
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "scripts/train_sd3.py",
+           "--config", "configs/tiny_cpu.yaml", "--output_dir", str(output_dir), "--eval_prompts", "2",
+           "--eval_seeds", "[1000]", "--sample_every", "0", "--checkpointing_steps", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("method, prompts_per_step, images_per_prompt", [("adrpo", "3", "2"), ("dpo", "2", "4")])
+def test_two_processes_train_checkpoint_and_resume(tmp_path, tiny_sd3_dir, method, prompts_per_step, images_per_prompt):
+    """Two real processes (torchrun, gloo on CPU): rollouts are sharded, each process saves its own RNG state, and a
+    resumed run continues from the checkpoint. adrpo: 3 groups of 2 on 2 x 3 rollouts, so the middle group spans
+    both processes; dpo: 2 groups of 4, one whole group per process, each pairing its own after the reward gather."""
+
     def run(*extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "scripts/train_sd3.py",
-               "--config", "configs/tiny_cpu.yaml", "--output_dir", str(tmp_path / "run"), "--prompts_per_step", "2",
-               "--images_per_prompt", "3", "--eval_prompts", "2", "--eval_seeds", "[1000]", "--sample_every", "0",
-               "--checkpointing_steps", "2", *extra]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        done = _torchrun(tmp_path / "run", "--method", method, "--prompts_per_step", prompts_per_step,
+                         "--images_per_prompt", images_per_prompt, *extra)
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout
 
@@ -135,6 +203,14 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path, tiny_sd3_dir):
     assert "resumed from" in out and out.count("held-out reward (mean") == 1  # logged by the main process only
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]
+    if method == "dpo":
+        assert all(m["dpo_pairs"] == 2 and m["skipped_empty"] == 0 for m in lines)
+
+
+def test_dpo_refuses_groups_split_across_processes(tmp_path):
+    done = _torchrun(tmp_path / "run", "--method", "dpo", "--prompts_per_step", "3", "--images_per_prompt", "2",
+                     "--max_steps", "1")  # 2 x 3 rollouts: the middle group would span both processes
+    assert done.returncode != 0 and "each process must hold whole prompt groups" in done.stderr
 
 
 def test_compiled_sampler_gives_the_same_run(tmp_path, tiny_sd3_dir):

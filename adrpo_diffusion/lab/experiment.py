@@ -80,14 +80,19 @@ class LabSettings:
         """TrainConfig values shared by every run (a run's overrides go on top)."""
         return dict(
             pretrained_model=self.pretrained_model, prompt_file=self.prompt_file, reward="shapes",
-            reward_scale=self.reward_scale, method="adrpo", beta0=self.beta0, advantage_min=-self.beta0,
-            advantage_max=self.beta0, prompts_per_step=self.prompts_per_step, images_per_prompt=self.images_per_prompt,
+            reward_scale=self.reward_scale, method="adrpo", method_options=adrpo_options(self.beta0),
+            prompts_per_step=self.prompts_per_step, images_per_prompt=self.images_per_prompt,
             num_inference_steps=self.sampler_steps, guidance_scale=1.0, resolution=32, max_sequence_length=8,
             rollout_batch_size=64, train_batch_size=32, timesteps_per_sample=self.timesteps_per_sample,
             lora_rank=8, lora_alpha=8, learning_rate=self.learning_rate, max_grad_norm=1.0,
             checkpointing_steps=self.eval_every, checkpoints_total_limit=1, sample_every=0,
             eval_prompts=0, report_to="none",  # no trainer's own held-out check: the lab's probe measures
         )
+
+
+def adrpo_options(beta0: float, clip: float = 1.0) -> dict:
+    """ADRPO's method_options with advantages clipped to ``[-clip * beta0, clip * beta0]``."""
+    return {"beta0": beta0, "advantage_min": -clip * beta0, "advantage_max": clip * beta0}
 
 
 def quick_settings(output_dir: str) -> LabSettings:
@@ -104,15 +109,15 @@ def lab_runs(settings: LabSettings) -> list[LabRun]:
         raise ValueError(f"ablation must be all, one or none, got {settings.ablation!r}")
     b0 = settings.beta0
     runs = [LabRun("adrpo", "methods", {})]
-    runs += [LabRun(f"orw-cfm-w2 beta={beta:g}", "methods", {"method": "orw-cfm-w2", "beta": beta})
+    runs += [LabRun(f"orw-cfm-w2 beta={beta:g}", "methods", {"method": "orw-cfm-w2", "method_options": {"beta": beta}})
              for beta in settings.orw_betas]
-    runs += [LabRun(f"fixed-beta beta={b0:g}", "methods", {"method": "fixed-beta", "beta": b0}),
-             LabRun("raft top-1", "methods", {"method": "raft", "raft_top_k": 1})]
+    fixed = {"beta": b0, "advantage_min": -b0, "advantage_max": b0}
+    runs += [LabRun(f"fixed-beta beta={b0:g}", "methods", {"method": "fixed-beta", "method_options": fixed}),
+             LabRun("raft top-1", "methods", {"method": "raft", "method_options": {"top_k": 1}})]
     if settings.ablation == "none":
         return runs
     k, images = settings.images_per_prompt, settings.prompts_per_step * settings.images_per_prompt
-    ablation = [LabRun(f"adrpo clip x{f:g}", "ablation", {"advantage_min": -f * b0, "advantage_max": f * b0})
-                for f in (0.5, 2.0)]
+    ablation = [LabRun(f"adrpo clip x{f:g}", "ablation", {"method_options": adrpo_options(b0, f)}) for f in (0.5, 2.0)]
     ablation += [LabRun(f"adrpo reward x{s:g}", "ablation", {"reward_scale": s}) for s in (1.0, 100.0)]
     ablation += [LabRun(f"adrpo K={g}", "ablation", {"images_per_prompt": g, "prompts_per_step": images // g})
                  for g in (k // 2, 2 * k) if g >= 2 and images % g == 0]
