@@ -4,7 +4,7 @@ Qwen2 causal LM, and a task with a verifiable reward.
 The task ("first letter"): the prompt is a 4-letter word over ``a``-``h`` followed by ``=``; the completion
 should repeat the word's first letter. The reward is the fraction of the ``COMPLETION_LENGTH`` completion
 characters equal to it (an early end of sequence scores the missing characters as wrong). A random policy
-scores about 1/12; training and held-out words are disjoint.
+scores about 1/11.
 """
 
 from __future__ import annotations
@@ -61,13 +61,11 @@ def tiny_lm_path() -> str:
     return str(target)
 
 
-def first_letter_prompts(num_train: int, num_heldout: int, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Disjoint lists of training and held-out prompts ``"word="``."""
-    words = ["".join(w) for w in itertools.product(LETTERS, repeat=4)]
+def first_letter_prompts(num_prompts: int = 0, seed: int = 0) -> list[str]:
+    """``num_prompts`` distinct prompts ``"word="`` in a fixed random order (0: all 4096)."""
+    words = ["".join(w) + "=" for w in itertools.product(LETTERS, repeat=4)]
     random.Random(seed).shuffle(words)
-    if num_train + num_heldout > len(words):
-        raise ValueError(f"at most {len(words)} prompts in all")
-    return [w + "=" for w in words[:num_train]], [w + "=" for w in words[num_train:num_train + num_heldout]]
+    return words[:num_prompts or len(words)]
 
 
 def first_letter_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
