@@ -1,6 +1,7 @@
 """ADRPO on TRL's GRPO (adrpo_diffusion.llm). Needs the [llm] extra; CI installs only [test] and skips these."""
 
 import importlib.util
+import json
 import warnings
 
 import pytest
@@ -14,7 +15,7 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from adrpo_diffusion.llm import ADRPOGRPOConfig, ADRPOGRPOTrainer, adaptive_kl_coefficients  # noqa: E402
+from adrpo_diffusion.llm import ADRPOGRPOConfig, ADRPOGRPOTrainer, adaptive_kl_coefficients, cli  # noqa: E402
 from adrpo_diffusion.llm.tiny import build_tiny_lm, first_letter_reward  # noqa: E402
 
 BETA0 = 0.04
@@ -116,3 +117,41 @@ def test_config_validation(tmp_path):
     with pytest.warns(UserWarning, match="negative KL coefficient"):
         ADRPOGRPOConfig(output_dir=str(tmp_path), beta0=0.04, advantage_max=1.0, use_cpu=True)
     assert ADRPOGRPOConfig(output_dir=str(tmp_path), beta0=0.1, advantage_max=0.1, use_cpu=True).beta == 0.1
+
+
+def test_cli_rejects_unknown_keys_with_the_valid_ones(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("beta_0: 0.1\n")
+    assert cli.main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "'beta_0' (did you mean 'beta0'?)" in err and "Valid keys:" in err and "advantage_max" in err
+    assert cli.main(["--config", "configs/tiny_llm_cpu.yaml", "--lerning_rate", "1"]) == 2
+    assert "'lerning_rate' (did you mean 'learning_rate'?)" in capsys.readouterr().err
+
+
+def test_cli_help_documents_the_keys(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "--beta0" in out and "--compare_with_grpo" in out and "--reward_model" in out
+
+
+def test_cli_offline_error_before_loading(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "train_one", None)  # nothing may be trained
+    assert cli.main(["--config", "configs/qwen2_0.5b_rm_gemma.yaml", "--model_name_or_path", "nobody/no-such-model"]) == 2
+    assert "not a local directory nor in the hub cache, and HF_HUB_OFFLINE is set" in capsys.readouterr().err
+    assert cli.main(["--config", "configs/tiny_llm_cpu.yaml", "--beta0", "0"]) == 2
+    assert "beta0 must be > 0" in capsys.readouterr().err
+
+
+def test_demo_smoke(tmp_path, monkeypatch):
+    """The offline demo at a tiny budget: both methods train, the summary and the plot are written."""
+    monkeypatch.setenv("ADRPO_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    assert cli.main(["--config", "configs/tiny_llm_cpu.yaml", "--output_dir", str(out), "--max_steps", "2",
+                     "--num_prompts", "40", "--eval_prompts", "8", "--eval_seeds", "0", "1", "--torch_num_threads", "0"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "adrpo" and summary["steps"] == 2 and summary["heldout_samples"] == 16
+    assert summary["grpo"]["heldout_reward_before"] == summary["heldout_reward_before"]  # same start, same seeds
+    assert {"heldout_reward_after", "heldout_improvement", "heldout_improvement_se"} <= set(summary)
+    assert (out / "reward_vs_entropy.png").stat().st_size > 0

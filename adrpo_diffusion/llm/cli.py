@@ -156,8 +156,9 @@ def load_prompts(run: RunArguments):
             dataset = load_dataset(run.dataset_name, split=run.dataset_split)
         except Exception as err:  # offline and not cached, no such split, ...
             raise ConfigError(f"Cannot load the prompts {run.dataset_name!r} (split {run.dataset_split!r}): "
-                              f"{type(err).__name__}: {err}. Offline, pass a local copy (datasets' save_to_disk "
-                              "directory or data files) as --dataset_name.") from err
+                              f"{type(err).__name__}: {err}. Offline, pass a local copy as --dataset_name (download it where "
+                              f"there is network: huggingface-cli download {run.dataset_name} --repo-type dataset "
+                              "--local-dir DIR).") from err
         if run.prompt_column not in dataset.column_names:
             raise ConfigError(f"{run.dataset_name} has no column {run.prompt_column!r}; columns: {dataset.column_names}")
         dataset = dataset.select_columns([run.prompt_column]).rename_column(run.prompt_column, "prompt")
@@ -254,13 +255,13 @@ def main(argv=None) -> int:
         run, trainer_kwargs = parse_args(argv)
         output_dir = Path(trainer_kwargs.get("output_dir") or "trainer_output")
         methods = ["adrpo", "grpo"] if run.compare_with_grpo else [run.method]
-        configs = {m: trainer_args(m, trainer_kwargs, output_dir) for m in methods}
-        import matplotlib  # noqa: F401  (the plot at the end)
-
         from .tiny import FIRST_LETTER, TINY_LM, tiny_lm_path
 
         check_model_source(run.model_name_or_path, "model_name_or_path", (TINY_LM,))
         check_model_source(run.reward_model, "reward_model", (FIRST_LETTER,))
+        configs = {m: trainer_args(m, trainer_kwargs, output_dir) for m in methods}
+        import matplotlib  # noqa: F401  (the plot at the end)
+
         train_dataset, heldout = load_prompts(run)
     except (ConfigError, ValueError, FileNotFoundError, ImportError) as err:
         print(f"adrpo-grpo: error: {err}", file=sys.stderr)
