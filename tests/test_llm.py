@@ -56,8 +56,8 @@ def batch(trainer, advantages, kl_only_on=None):
     completion_mask[1, 3:] = 0
     prompt_mask = torch.ones_like(prompt_ids)
     with torch.no_grad():
-        logps, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1), 5)
+        logps = trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1), 5)[0]
     shift = 0.5 * torch.randn(4, 5, generator=gen)
     if kl_only_on is not None:
         shift[torch.arange(4) != kl_only_on] = 0.0
@@ -108,6 +108,14 @@ def test_kl_gradient_scales_per_sample_as_beta0_minus_clipped_advantage(trainers
     assert kl_grad.norm() > 0
     torch.testing.assert_close(adrpo_grad - pg_grad, coefficient * kl_grad, rtol=1e-4, atol=1e-7)
 
+
+def test_fails_loudly_when_trl_no_longer_multiplies_beta_into_the_kl(trainers, monkeypatch):
+    adrpo, _ = trainers
+    inputs = batch(adrpo, [0.0, 0.0, 0.0, 0.0])
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", lambda self, model, inputs: torch.zeros(()))
+    with pytest.raises(RuntimeError, match="not supported by ADRPOGRPOTrainer"):
+        adrpo.compute_loss(adrpo.model, inputs)
+    assert adrpo.beta == BETA0  # restored
 
 def test_config_validation(tmp_path):
     with pytest.raises(ValueError, match="beta0 must be > 0"):
