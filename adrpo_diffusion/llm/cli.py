@@ -10,6 +10,7 @@ from the same start and budget follows, and ``output_dir/reward_vs_entropy.png``
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
@@ -84,8 +85,11 @@ def parse_args(argv=None) -> tuple[RunArguments, dict]:
     unknown = [f for f in flags if f"--{f}" not in parser._option_string_actions]
     if unknown:
         raise _unknown(unknown, valid, "the command line")
-    if "--config" in argv:
-        path = Path(argv[argv.index("--config") + 1])
+    config_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    config_parser.add_argument("--config")
+    config = config_parser.parse_known_args(argv)[0].config
+    if config:
+        path = Path(config)
         if not path.is_file():
             raise ConfigError(f"Config file {path} does not exist.")
         values = yaml.safe_load(path.read_text()) or {}
@@ -156,9 +160,9 @@ def load_prompts(run: RunArguments):
             dataset = load_dataset(run.dataset_name, split=run.dataset_split)
         except Exception as err:  # offline and not cached, no such split, ...
             raise ConfigError(f"Cannot load the prompts {run.dataset_name!r} (split {run.dataset_split!r}): "
-                              f"{type(err).__name__}: {err}. Offline, pass a local copy as --dataset_name (download it where "
-                              f"there is network: huggingface-cli download {run.dataset_name} --repo-type dataset "
-                              "--local-dir DIR).") from err
+                              f"{type(err).__name__}: {err}. Offline, pass a local copy as --dataset_name (download "
+                              f"it where there is network: huggingface-cli download {run.dataset_name} --repo-type "
+                              "dataset --local-dir DIR).") from err
         if run.prompt_column not in dataset.column_names:
             raise ConfigError(f"{run.dataset_name} has no column {run.prompt_column!r}; columns: {dataset.column_names}")
         dataset = dataset.select_columns([run.prompt_column]).rename_column(run.prompt_column, "prompt")
@@ -176,7 +180,6 @@ def reward_funcs(run: RunArguments) -> list:
     return [first_letter_reward if run.reward_model == FIRST_LETTER else run.reward_model]
 
 
-
 def heldout_rewards(trainer, prompts: list, seeds: list[int]):
     """Reward of one sampled completion per (seed, prompt), shape ``(len(seeds) * len(prompts),)``: the trainer's
     reward functions, weighted and summed as in training, on completions sampled like the training rollouts."""
@@ -185,12 +188,17 @@ def heldout_rewards(trainer, prompts: list, seeds: list[int]):
 
     model, tokenizer, args = trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, trainer.args
     conversational = not isinstance(prompts[0], str)
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts] if conversational else prompts
-    encoded = tokenizer(text=texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(model.device)
+    if conversational:
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    else:
+        texts = prompts
+    encoded = tokenizer(text=texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    encoded = encoded.to(model.device)
     generation = GenerationConfig(do_sample=True, max_new_tokens=args.max_completion_length, temperature=args.temperature,
                                   top_p=args.top_p, top_k=args.top_k, pad_token_id=tokenizer.pad_token_id,
                                   eos_token_id=model.generation_config.eos_token_id)
-    rewards = []
+    rewards, was_training = [], model.training
+    model.eval()  # no dropout, and no gradient checkpointing (which would turn off the KV cache)
     devices = [model.device] if model.device.type == "cuda" else []
     for seed in seeds:
         with torch.random.fork_rng(devices=devices), torch.no_grad():  # leaves the training RNG untouched
@@ -202,6 +210,7 @@ def heldout_rewards(trainer, prompts: list, seeds: list[int]):
         per_func = trainer._calculate_rewards([{"prompt": p} for p in prompts], prompts, completions,
                                               completion_ids.tolist())[: len(prompts)]
         rewards.append((per_func * trainer.reward_weights.to(per_func.device)).nansum(dim=1).cpu())
+    model.train(was_training)
     return torch.cat(rewards)
 
 
@@ -233,13 +242,16 @@ def plot_reward_vs_entropy(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def running_mean(xs: list, window: int) -> list:
+        return [sum(xs[max(0, i - window + 1): i + 1]) / len(xs[max(0, i - window + 1): i + 1]) for i in range(len(xs))]
+
     fig, ax = plt.subplots(figsize=(5, 4))
     for result in results:
-        entropy, reward = [p["entropy"] for p in result["curve"]], [p["reward"] for p in result["curve"]]
-        window = max(1, len(reward) // 10)  # running mean over a tenth of training, for readability
-        smooth = lambda xs: [sum(xs[max(0, i - window + 1): i + 1]) / len(xs[max(0, i - window + 1): i + 1]) for i in range(len(xs))]  # noqa: E731
-        line, = ax.plot(smooth(entropy), smooth(reward), label=result["method"].upper())
-        ax.scatter(smooth(entropy)[-1:], smooth(reward)[-1:], color=line.get_color())
+        window = max(1, len(result["curve"]) // 10)  # a tenth of training, for readability
+        entropy = running_mean([p["entropy"] for p in result["curve"]], window)
+        reward = running_mean([p["reward"] for p in result["curve"]], window)
+        line, = ax.plot(entropy, reward, label=result["method"].upper())
+        ax.scatter(entropy[-1:], reward[-1:], color=line.get_color())
     ax.set_xlabel("mean token entropy (nats)")
     ax.set_ylabel("mean training reward")
     ax.set_title(f"along training: running means over {window} steps, dot: last", fontsize=9)
@@ -272,6 +284,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(run.torch_num_threads)
     model_path = tiny_lm_path() if run.model_name_or_path == TINY_LM else run.model_name_or_path
     results = [train_one(m, run, *configs[m], model_path, train_dataset, heldout) for m in methods]
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0
     plot_reward_vs_entropy(results, output_dir / "reward_vs_entropy.png")
     summary = {**{k: v for k, v in results[0].items() if k != "curve"}, "wall_time_s": round(time.time() - start, 1)}
     if run.compare_with_grpo:
