@@ -58,6 +58,10 @@ class TrainConfig:
     logit_mean: float = _f(0.0, "logit_normal: mean.")
     logit_std: float = _f(1.0, "logit_normal: standard deviation.")
     timesteps_per_sample: int = _f(1, "Fresh (noise, t) draws per rollout sample in the loss.")
+    shared_noise: bool = _f(False, "The samples of one prompt group share each (noise, t) draw (on each process): "
+                                   "common random numbers. Unbiased (every sample's draw keeps its distribution); with "
+                                   "advantages that sum to zero per group the noise's own term cancels in the "
+                                   "advantage-weighted gradient, which lowers its variance.")
     train_batch_size: int = _f(8, "Samples per forward/backward on each process; gradients accumulate over the iteration.")
     # --- optimiser
     learning_rate: float = _f(1e-4, "AdamW learning rate.")

@@ -277,7 +277,8 @@ class Trainer:
 
         # 4. flow-matching regression with fresh noise and t, accumulated into one step (none when the method found
         # nothing to train on anywhere, e.g. DPO with every group's rewards equal).
-        sums, grad_norm = self._regress(plan, x1, local_prompt) if plan.global_units else ({}, torch.zeros(()))
+        groups = (rank * n_local + torch.arange(n_local)) // K  # prompt group of each local rollout
+        sums, grad_norm = self._regress(plan, x1, local_prompt, groups) if plan.global_units else ({}, torch.zeros(()))
         # A non-finite reward, loss or gradient anywhere skips the step everywhere.
         ok = bool(torch.isfinite(all_rewards).all()) and math.isfinite(sums.get("loss", 0.0)) and bool(grad_norm.isfinite())
         finite = bool(acc.gather(torch.tensor([float(ok)], device=acc.device)).min().item())
@@ -311,25 +312,32 @@ class Trainer:
             "seconds_train": t3 - t2,
         }
 
-    def _regress(self, plan, x1, local_prompt) -> tuple[dict, torch.Tensor]:
-        """Step 4: fresh noise and t per unit of the plan (a sample, or a DPO pair sharing them), ``timesteps_per_sample``
-        draws each; micro-batches of whole units, each loss (a mean over its units) backpropagated times its share
-        ``units * processes / all units of all processes`` (DDP averages over processes), gradients all-reduced on
-        the last one. Returns the share-weighted sums of the loss parts and the (clipped) gradient norm."""
+    def _regress(self, plan, x1, local_prompt, groups) -> tuple[dict, torch.Tensor]:
+        """Step 4: fresh noise and t per unit of the plan (a sample, or a DPO pair sharing them; with ``shared_noise``,
+        per prompt group), ``timesteps_per_sample`` draws each; micro-batches of whole units, each loss (a mean over
+        its units) backpropagated times its share ``units * processes / all units of all processes`` (DDP averages
+        over processes), gradients all-reduced on the last one. Returns the share-weighted sums of the loss parts
+        and the (clipped) gradient norm."""
         cfg, acc = self.cfg, self.accelerator
         units = plan.rows.view(-1, plan.unit)
         placeholder = not len(units)
         if placeholder:  # no unit here but some elsewhere: a zero-weighted one joins the synchronised backward
             units = torch.zeros(1, plan.unit, dtype=torch.long)
-        units = units.repeat(cfg.timesteps_per_sample, 1)
-        total = plan.global_units * cfg.timesteps_per_sample
+        draws = cfg.timesteps_per_sample
+        # which (noise, t) draw each unit takes: its own, or its group's; a fresh one for each of the ``draws`` repeats
+        owner = groups[units[:, 0]] if cfg.shared_noise else torch.arange(len(units))
+        owner = torch.unique(owner, return_inverse=True)[1]
+        owner = (owner + (owner.max() + 1) * torch.arange(draws)[:, None]).flatten()
+        units = units.repeat(draws, 1)
+        total = plan.global_units * draws
         rows = units.flatten()
         embeds, pooled = self.cache.select([local_prompt[i] for i in rows.tolist()], acc.device, self.weight_dtype)
         x1_rep = x1[rows]
         values = {k: v[rows] for k, v in plan.values.items()}
-        noise = torch.randn((len(units), *x1.shape[1:]), dtype=torch.float32).to(acc.device, x1.dtype)
-        t = sample_times(len(units), cfg.time_sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std).to(acc.device)
-        noise, t = noise.repeat_interleave(plan.unit, dim=0), t.repeat_interleave(plan.unit)
+        n_draws = int(owner.max()) + 1
+        noise = torch.randn((n_draws, *x1.shape[1:]), dtype=torch.float32).to(acc.device, x1.dtype)
+        t = sample_times(n_draws, cfg.time_sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std).to(acc.device)
+        noise, t = noise[owner].repeat_interleave(plan.unit, dim=0), t[owner].repeat_interleave(plan.unit)
         reference = adapters_disabled(acc.unwrap_model(self.model)) if plan.needs_reference else None
         self.model.train()
         sums = {}
