@@ -127,3 +127,21 @@ def test_directory_without_model_index(tmp_path, capsys):
 def test_resume_from_a_missing_checkpoint(tmp_path, capsys):
     code, err = run_cli(["--config", "configs/tiny_cpu.yaml", "--resume_from_checkpoint", str(tmp_path / "step-9")], capsys)
     assert code == 2 and "is not a checkpoints/step-N directory" in err
+
+
+@pytest.mark.parametrize("module, entry, fields", [
+    ("adrpo_diffusion.cli", "train_main", "adrpo_diffusion.config"),
+    ("adrpo_diffusion.evaluation.cli", "evaluate_main", "adrpo_diffusion.evaluation.config"),
+    ("adrpo_diffusion.benchmark", "main", None),
+    ("adrpo_diffusion.lab.experiment", "main", None),
+])
+def test_help_documents_every_key(module, entry, fields, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as info:
+        getattr(importlib.import_module(module), entry)(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out
+    for name in importlib.import_module(fields).FIELDS if fields else ():
+        assert f"--{name} VALUE" in out, name

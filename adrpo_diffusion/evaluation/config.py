@@ -351,7 +351,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML config file (see configs/eval_*.yaml).")
     for name, f in FIELDS.items():
-        parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="VALUE", help=f.metadata["help"])
+        # argparse reads help text as a %-format string
+        parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="VALUE",
+                            help=f.metadata["help"].replace("%", "%%"))
     return parser
 
 
