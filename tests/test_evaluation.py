@@ -362,3 +362,15 @@ def test_scoring_a_folder_of_images(evaluated, tmp_path):
     assert summary["n_prompts"] == 3 and summary["se"] is None
     assert summary["mean"] == pytest.approx(before["models"]["tiny"]["metrics"]["clipscore"]["per_seed"]["0"])
     assert "± n/a" in (tmp_path / "csv" / "table1.md").read_text()
+
+
+def test_missing_optional_dependencies_are_reported_before_any_work(prompts_csv, monkeypatch):
+    from adrpo_diffusion.evaluation import config
+
+    monkeypatch.setattr(config, "find_spec", lambda name: None)
+    with pytest.raises(EvalConfigError) as info:
+        load_eval_config(overrides=_config(prompts_csv, metrics=["clipscore", "clipdiversity", "hpsv2"]))
+    message = str(info.value)
+    assert "the reward_vs_diversity.png plot needs matplotlib, which is not installed" in message
+    assert "the hpsv2 metric needs open_clip_torch" in message and 'pip install -e ".[eval]"' in message
+    load_eval_config(overrides=_config(prompts_csv, metrics=["clipscore"]))  # needs neither
