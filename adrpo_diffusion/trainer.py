@@ -265,7 +265,10 @@ class Trainer:
         if not len(images):  # eval_prompts: 0
             return
         (self.output_dir / "samples").mkdir(parents=True, exist_ok=True)
-        image_grid(images, cols=max(1, len(self.eval_indices))).save(self.output_dir / "samples" / f"{name}.png")
+        prompts = [self.prompts[i] for i in self.eval_indices]
+        by_prompt = images.unflatten(0, (-1, len(prompts))).transpose(0, 1).flatten(0, 1)  # one row per prompt
+        grid = image_grid(by_prompt, cols=len(images) // len(prompts), labels=prompts)
+        grid.save(self.output_dir / "samples" / f"{name}.png")
 
     # ------------------------------------------------------------------ one iteration
     def train_step(self) -> dict:
