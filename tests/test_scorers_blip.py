@@ -1,7 +1,11 @@
 """ImageReward and BLIPScore against the original implementation's outputs, on a small random-weight fixture
-(``shared/fixtures/imagereward-tiny``, beside the repository clone; see its README)."""
+(``tests/fixtures/imagereward-tiny``, made by running PyPI ``image-reward`` 1.5 itself; see its README).
+
+``ADRPO_IMAGEREWARD_FIXTURE=DIR`` runs the same tests on another fixture made the same way (for instance the larger
+one in ``shared/fixtures/imagereward-tiny``)."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -11,14 +15,9 @@ from PIL import Image
 
 from adrpo_diffusion.scorers import available_scorers, build_scorer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-FIXTURE = SHARED / "fixtures" / "imagereward-tiny"
+BUNDLED = Path(__file__).resolve().parent / "fixtures" / "imagereward-tiny"
+FIXTURE = Path(os.environ.get("ADRPO_IMAGEREWARD_FIXTURE") or BUNDLED)
 CHECKPOINTS = {"imagereward": FIXTURE / "ImageReward.pt", "blipscore": FIXTURE / "model_large.pth"}
-
-pytestmark = pytest.mark.skipif(
-    not SHARED.is_dir(), reason=f"{SHARED} is absent: the ImageReward/BLIPScore fixture lives in the shared/ folder "
-    "beside the repository clone"
-)
 
 
 def fixture_options(**overrides) -> dict:
@@ -40,6 +39,15 @@ def scorer(request):
 
 def test_registered():
     assert {"imagereward", "blipscore"} <= set(available_scorers())
+
+
+def test_bundled_fixture_coverage(expected):
+    """The bundled fixture keeps what makes it a test: the real vocabulary, a truncated prompt, every image used."""
+    if FIXTURE != BUNDLED:
+        pytest.skip(f"coverage checks are for the bundled fixture, not {FIXTURE}")
+    assert json.loads((FIXTURE / "med_config.json").read_text())["vocab_size"] == 30524
+    assert any(all(row["input_ids"]) for row in expected)  # 35 tokens, no padding: truncated
+    assert {row["image"] for row in expected} == {path.name for path in (FIXTURE / "images").glob("*.png")}
 
 
 def test_reproduces_original_scores(scorer, expected):
