@@ -100,3 +100,13 @@ def test_missing_files_offline(monkeypatch, tmp_path, name, option):
     del options[option]  # back to the default: a hub id or URL, not cached here (tests run offline)
     with pytest.raises(FileNotFoundError, match=rf"pass its local path with the '{option}' option"):
         build_scorer(name, **options)
+
+
+@pytest.mark.parametrize("height, width", [(224, 224), (224, 227), (224, 225), (229, 224), (327, 224), (224, 300)])
+def test_center_crop_matches_torchvision(height, width):
+    """The original crops with torchvision's CenterCrop: round(margin / 2), half to even (margin 3: offset 2, 5: 2)."""
+    functional = pytest.importorskip("torchvision.transforms.functional", reason="torchvision is not installed")
+    from adrpo_diffusion.scorers.blip import center_crop
+
+    pixels = torch.arange(3 * height * width, dtype=torch.float32).reshape(1, 3, height, width)
+    assert torch.equal(center_crop(pixels, 224), functional.center_crop(pixels, [224, 224]))
