@@ -2,6 +2,7 @@
 tiny SD3 pipeline with tiny random scorers (generation, scoring, resume, undecodable images, a folder of images)."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -400,7 +401,8 @@ def test_log_is_short_and_interrupted_temporaries_are_removed(tmp_path, tiny_lor
     orphan.write_bytes(b"partial")
     done = subprocess.run([sys.executable, "-m", "adrpo_diffusion.evaluation.cli",
                            *_argv(out, prompts, tiny_lora, metrics=["clipscore"], batch_size=2)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-3000:]
     assert log.count("can only handle sequences up to 77 tokens") == 1 and "<|endoftext|>" not in log

@@ -178,7 +178,7 @@ def quick_lab(tmp_path_factory, tiny_sd3_shapes_dir):
     return out
 
 
-QUICK_RUNS = ["adrpo", "orw-cfm-w2 beta=1", "fixed-beta beta=1", "raft top-1", "adrpo clip x0.5"]
+QUICK_RUNS = ["adrpo", "orw-cfm-w2 beta=1", "fixed-beta beta=1", "raft top-1", "dpo", "adrpo clip x0.5"]
 
 
 def test_quick_lab_writes_the_table_and_the_plots(quick_lab):
@@ -192,12 +192,16 @@ def test_quick_lab_writes_the_table_and_the_plots(quick_lab):
         assert records[0] == {"step": 0, **base}
         assert all(0 <= r["reward"] <= 1 for r in records)
         assert records[-1]["w2_divergence"] > 0, name  # the policy moved away from the base
+        # the learning rate is the one whose run scored best on the validation seeds
+        assert set(run["lr_sweep"]) == {"0.003", "0.03"}
+        assert run["lr_sweep"][f"{run['learning_rate']:g}"] == max(run["lr_sweep"].values())
+        assert records[-1]["validation_reward"] == run["lr_sweep"][f"{run['learning_rate']:g}"]
     table = (quick_lab / "lab_table.md").read_text()
     assert "### methods" in table and "### ablation" in table and all(f"| {name} |" in table for name in QUICK_RUNS)
     for group in ("methods", "ablation"):
         for stem in ("reward_vs_diversity", "reward_vs_divergence", "learning_curves"):
             assert (quick_lab / f"{group}_{stem}.png").stat().st_size > 10_000
-    for grid in ("samples_base.png", "samples_data.png", "samples/adrpo.png", "samples/raft_top-1.png"):
+    for grid in ("samples_base.png", "samples_data.png", "samples/adrpo_lr0.003.png", "samples/raft_top-1_lr0.03.png"):
         assert (quick_lab / grid).stat().st_size > 1000
 
 
@@ -255,6 +259,6 @@ def test_the_shapes_config_trains_like_the_labs_adrpo_run():
     shared = ("pretrained_model", "prompt_file", "reward", "reward_scale", "method", "method_options",
               "prompts_per_step", "images_per_prompt", "num_inference_steps", "guidance_scale",
               "resolution", "max_sequence_length", "timesteps_per_sample", "lora_rank", "lora_alpha",
-              "learning_rate", "max_grad_norm")
+              "max_grad_norm")
     assert {k: getattr(config, k) for k in shared} == {k: lab[k] for k in shared}
-    assert config.max_steps == LabSettings().steps
+    assert config.max_steps == LabSettings().steps and config.learning_rate in LabSettings().learning_rates

@@ -193,13 +193,17 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, tiny_sd3_dir,
 
 
 def _torchrun(output_dir, *args):
+    import os
     import subprocess
     import sys
+    from pathlib import Path
 
+    repo = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "scripts/train_sd3.py",
            "--config", "configs/tiny_cpu.yaml", "--output_dir", str(output_dir), "--eval_prompts", "2",
            "--eval_seeds", "[1000]", "--sample_every", "0", "--checkpointing_steps", "2", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}  # this checkout
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=repo, env=env)
 
 
 @pytest.mark.parametrize("method, prompts_per_step, images_per_prompt", [("adrpo", "3", "2"), ("dpo", "2", "4")])

@@ -60,31 +60,34 @@ class LabSettings:
 
     output_dir: str = "outputs/method-lab"
     pretrained_model: str = "builtin:tiny-sd3-shapes"
-    prompt_file: str = "prompts/shapes.txt"
+    prompt_file: str = "prompts/shapes_colour.txt"
+    reward: str = "color"
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     steps: int = 30
     eval_every: int = 15
     prompts_per_step: int = 4
     images_per_prompt: int = 8
     timesteps_per_sample: int = 1
-    learning_rate: float = 3e-3
+    learning_rates: list = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])
     sampler_steps: int = 16
-    reward_scale: float = 10.0
+    reward_scale: float = 20.0
     beta0: float = 1.0
     orw_betas: list = field(default_factory=lambda: [0.25, 1.0, 4.0])
     eval_images: int = 16
     eval_seed: int = 10_000
-    ablation: str = "all"  # all, one (the first ablation run only) or none
+    val_images: int = 8
+    val_seed: int = 50_000  # its seeds (val_seed + 1000 i + j) never meet the held-out ones
+    ablation: str = "none"  # all, one (the first ablation run only) or none
 
     def training(self) -> dict:
         """TrainConfig values shared by every run (a run's overrides go on top)."""
         return dict(
-            pretrained_model=self.pretrained_model, prompt_file=self.prompt_file, reward="shapes",
+            pretrained_model=self.pretrained_model, prompt_file=self.prompt_file, reward=self.reward,
             reward_scale=self.reward_scale, method="adrpo", method_options=adrpo_options(self.beta0),
             prompts_per_step=self.prompts_per_step, images_per_prompt=self.images_per_prompt,
             num_inference_steps=self.sampler_steps, guidance_scale=1.0, resolution=32, max_sequence_length=8,
             rollout_batch_size=64, train_batch_size=32, timesteps_per_sample=self.timesteps_per_sample,
-            lora_rank=8, lora_alpha=8, learning_rate=self.learning_rate, max_grad_norm=1.0,
+            lora_rank=8, lora_alpha=8, max_grad_norm=1.0,
             checkpointing_steps=self.eval_every, checkpoints_total_limit=1, sample_every=0,
             eval_prompts=0, report_to="none",  # no trainer's own held-out check: the lab's probe measures
         )
@@ -98,7 +101,8 @@ def adrpo_options(beta0: float, clip: float = 1.0) -> dict:
 def quick_settings(output_dir: str) -> LabSettings:
     """A smoke scale for tests: one seed, two segments of one step, a few images."""
     return LabSettings(output_dir=output_dir, seeds=[0], steps=2, eval_every=1, prompts_per_step=2,
-                       images_per_prompt=4, orw_betas=[1.0], eval_images=2, ablation="one")
+                       images_per_prompt=4, learning_rates=[3e-3, 3e-2], orw_betas=[1.0], eval_images=2, val_images=2,
+                       ablation="one")
 
 
 def lab_runs(settings: LabSettings) -> list[LabRun]:
@@ -113,7 +117,8 @@ def lab_runs(settings: LabSettings) -> list[LabRun]:
              for beta in settings.orw_betas]
     fixed = {"beta": b0, "advantage_min": -b0, "advantage_max": b0}
     runs += [LabRun(f"fixed-beta beta={b0:g}", "methods", {"method": "fixed-beta", "method_options": fixed}),
-             LabRun("raft top-1", "methods", {"method": "raft", "method_options": {"top_k": 1}})]
+             LabRun("raft top-1", "methods", {"method": "raft", "method_options": {"top_k": 1}}),
+             LabRun("dpo", "methods", {"method": "dpo", "method_options": {}})]
     if settings.ablation == "none":
         return runs
     k, images = settings.images_per_prompt, settings.prompts_per_step * settings.images_per_prompt
@@ -165,12 +170,13 @@ class HeldoutProbe:
 
     TIMES = (0.125, 0.375, 0.625, 0.875)
 
-    def __init__(self, num_prompts: int, eval_images: int, eval_seed: int):
+    def __init__(self, num_prompts: int, eval_images: int, eval_seed: int, reward: str):
         from ..scorers import build_scorer
 
         self.pairs = [(i, j) for i in range(num_prompts) for j in range(eval_images)]
         self.seeds = [eval_seed + 1000 * i + j for i, j in self.pairs]
-        self.scorer = build_scorer("shapes")
+        self.scorer = build_scorer(reward)
+        self.shapes = build_scorer("shapes")  # its checks: does the policy still draw what the caption says?
         self.features = RandomFeatures()
         self.w2_inputs = self.base_rewards = None
 
@@ -199,7 +205,7 @@ class HeldoutProbe:
 
     def _record(self, trainer, images: torch.Tensor) -> dict:
         prompts = [trainer.prompts[i] for i, _ in self.pairs]
-        checks = self.scorer.checks(images, prompts)
+        checks = self.shapes.checks(images, prompts)
         rewards = self.scorer.score(images, prompts)
         if self.base_rewards is None:
             self.base_rewards = rewards
@@ -213,6 +219,12 @@ class HeldoutProbe:
         """Every held-out metric of the trainer's policy (LoRA on), and its held-out images."""
         _, images = self._generate(trainer)
         return {**self._record(trainer, images), "w2_divergence": self._w2_divergence(trainer)}, images
+
+    @torch.no_grad()
+    def reward(self, trainer) -> float:
+        """The mean reward of the trainer's policy (LoRA on) on this probe's seeds."""
+        _, images = self._generate(trainer)
+        return self.scorer.score(images, [trainer.prompts[i] for i, _ in self.pairs]).mean().item()
 
     @torch.no_grad()
     def measure_base(self, trainer) -> tuple[dict, torch.Tensor]:
@@ -263,14 +275,16 @@ def _write_json(path: Path, value) -> None:
 
 
 def run_lab(settings: LabSettings, resume: bool = False) -> dict:
-    """Train and track every run and seed, then write ``results.json``, ``lab_table.md`` and the plots.
+    """Train and track every run, then write ``results.json``, ``lab_table.md`` and the plots.
 
-    Each run and seed keeps its held-out records in ``runs/<run>/seed-<seed>/records.json``, written after every
-    segment next to the checkpoint of that step: with ``resume``, a killed lab continues from there (the same
-    settings are required) and finished segments are never trained again."""
-    from ..config import load_config
+    Per run: the first seed trains once per learning rate of ``settings.learning_rates``; the rate whose final
+    policy scores the highest reward on the *validation* noise seeds (``val_images`` per prompt, disjoint from the
+    held-out ones) is the run's rate, and the other seeds train at that rate only. Every reported number is
+    measured on the *held-out* noise seeds. Each (run, rate, seed) keeps its records in
+    ``runs/<run>/lr-<rate>/seed-<seed>/records.json``, written after every segment next to the checkpoint of that
+    step: with ``resume``, a killed lab continues from there (the same settings are required) and finished
+    segments are never trained again."""
     from ..prompts import load_prompts
-    from ..trainer import Trainer
 
     out = prepare_output_dir(settings.output_dir, resume)
     settings_file = out / "settings.json"
@@ -278,49 +292,74 @@ def run_lab(settings: LabSettings, resume: bool = False) -> dict:
         raise ValueError(f"--resume: {settings_file} was written with other settings; resume with the same options")
     _write_json(settings_file, dataclasses.asdict(settings))
     prompts = load_prompts(settings.prompt_file)
-    probe = HeldoutProbe(len(prompts), settings.eval_images, settings.eval_seed)
-    runs = lab_runs(settings)
+    probes = {"heldout": HeldoutProbe(len(prompts), settings.eval_images, settings.eval_seed, settings.reward),
+              "validation": HeldoutProbe(len(prompts), settings.val_images, settings.val_seed, settings.reward)}
     results = {"settings": dataclasses.asdict(settings), "base": None, "runs": {}}
     start = time.perf_counter()
-    for run in runs:
-        results["runs"][run.name] = {"group": run.group, "overrides": run.overrides, "seeds": {}}
-        slug = run.name.replace(" ", "_").replace("=", "")
-        for seed in settings.seeds:
-            run_dir = out / "runs" / slug / f"seed-{seed}"
-            run_dir.mkdir(parents=True, exist_ok=True)
-            records_file = run_dir / "records.json"
-            records = json.loads(records_file.read_text()) if records_file.is_file() else []
-            done = records[-1]["step"] if records else 0
-            for end in range(settings.eval_every, settings.steps + 1, settings.eval_every):
-                if end <= done and results["base"] is not None:
-                    continue
-                values = {**settings.training(), **run.overrides, "seed": seed, "output_dir": str(run_dir),
-                          "max_steps": end, "resume_from_checkpoint": "latest"}
-                with _quiet(run_dir / "train.log"):
-                    trainer = Trainer(load_config(None, values))
-                    if results["base"] is None:  # also fixes the probe's W2 inputs, so it runs on resume too
-                        results["base"], base_images = probe.measure_base(trainer)
-                        _save_grid(base_images, prompts, out / "samples_base.png")
-                        _save_grid(data_images(prompts, settings.eval_images), prompts, out / "samples_data.png")
-                    if end > done:
-                        trainer.train()
-                        record, images = probe.measure(trainer)
-                        records.append({"step": end, **record})
-                        _write_json(records_file, records)
-                        if end == settings.steps and seed == settings.seeds[0]:
-                            _save_grid(images, prompts, out / "samples" / f"{slug}.png")
-                del trainer
-                gc.collect()
-            results["runs"][run.name]["seeds"][str(seed)] = [{"step": 0, **results["base"]}] + records
-            last = records[-1]
-            print(f"[lab] {run.name:24s} seed {seed}: reward {results['base']['reward']:.3f} -> {last['reward']:.3f}, "
-                  f"feature diversity {last['feature_diversity']:.3f}, W2 {last['w2_divergence']:.2e} "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+
+    def train(run: LabRun, lr: float, seed: int) -> list[dict]:
+        records = _train_and_track(settings, run, lr, seed, out, prompts, probes, results)
+        last = records[-1]
+        print(f"[lab] {run.name:24s} lr {lr:<7g} seed {seed}: reward {results['base']['reward']:.3f} -> "
+              f"{last['reward']:.3f} (validation {last['validation_reward']:.3f}), feature diversity "
+              f"{last['feature_diversity']:.3f}, W2 {last['w2_divergence']:.2e} ({time.perf_counter() - start:.0f} s)",
+              flush=True)
+        return [{"step": 0, **results["base"]}] + records
+
+    for run in lab_runs(settings):
+        first, others = settings.seeds[0], settings.seeds[1:]
+        sweep = {lr: train(run, lr, first) for lr in settings.learning_rates}
+        best = max(sweep, key=lambda lr: sweep[lr][-1]["validation_reward"])
+        results["runs"][run.name] = {
+            "group": run.group, "overrides": run.overrides, "learning_rate": best,
+            "lr_sweep": {f"{lr:g}": records[-1]["validation_reward"] for lr, records in sweep.items()},
+            "seeds": {str(first): sweep[best], **{str(seed): train(run, best, seed) for seed in others}},
+        }
     results["seconds"] = time.perf_counter() - start
     _write_json(out / "results.json", results)
     (out / "lab_table.md").write_text(render_table(results))
     plot_results(results, out)
     return results
+
+
+def _train_and_track(settings: LabSettings, run: LabRun, lr: float, seed: int, out: Path, prompts: list[str],
+                     probes: dict, results: dict) -> list[dict]:
+    """One (run, learning rate, seed): train in segments of ``eval_every`` steps, each a fresh Trainer resuming the
+    previous segment's checkpoint, measuring the held-out probe after each and the validation reward after the
+    last; the first trainer of the lab also measures the base. Returns the records (resumed ones included)."""
+    from ..config import load_config
+    from ..trainer import Trainer
+
+    slug = run.name.replace(" ", "_").replace("=", "")
+    run_dir = out / "runs" / slug / f"lr-{lr:g}" / f"seed-{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    records_file = run_dir / "records.json"
+    records = json.loads(records_file.read_text()) if records_file.is_file() else []
+    done = records[-1]["step"] if records else 0
+    for end in range(settings.eval_every, settings.steps + 1, settings.eval_every):
+        if end <= done and results["base"] is not None:
+            continue
+        values = {**settings.training(), **run.overrides, "learning_rate": lr, "seed": seed,
+                  "output_dir": str(run_dir), "max_steps": end, "resume_from_checkpoint": "latest"}
+        with _quiet(run_dir / "train.log"):
+            trainer = Trainer(load_config(None, values))
+            if results["base"] is None:  # also fixes the probes' W2 inputs and base rewards, so it runs on resume too
+                results["base"], base_images = probes["heldout"].measure_base(trainer)
+                results["base"]["validation_reward"] = probes["validation"].measure_base(trainer)[0]["reward"]
+                _save_grid(base_images, prompts, out / "samples_base.png")
+                _save_grid(data_images(prompts, settings.eval_images), prompts, out / "samples_data.png")
+            if end > done:
+                trainer.train()
+                record, images = probes["heldout"].measure(trainer)
+                if end == settings.steps:
+                    record["validation_reward"] = probes["validation"].reward(trainer)
+                    if seed == settings.seeds[0]:
+                        _save_grid(images, prompts, out / "samples" / f"{slug}_lr{lr:g}.png")
+                records.append({"step": end, **record})
+                _write_json(records_file, records)
+        del trainer
+        gc.collect()
+    return records
 
 
 def data_images(prompts: list[str], per_prompt: int, seed: int = 0) -> torch.Tensor:
@@ -365,7 +404,11 @@ def render_table(results: dict) -> str:
     settings = results["settings"]
     lines = [
         f"Held-out after {settings['steps']} steps; mean ± SE over seeds {settings['seeds']}; "
-        f"{settings['eval_images']} images per prompt. Reward and checks are the raw `shapes` scores in [0, 1]. "
+        f"{settings['eval_images']} images per prompt. Each run at the learning rate (of {settings['learning_rates']}) "
+        f"whose seed-{settings['seeds'][0]} run scored best on the validation seeds ({settings['val_images']} images "
+        "per prompt, disjoint from the held-out ones); 'validation sweep' lists those validation rewards. "
+        f"Reward: the raw `{settings['reward']}` score (the training reward without its scale); colour, shape, count, "
+        "position: the `shapes` checks, in [0, 1]. "
         "Δ reward: the gain over the base; 'held-out SE': its standard error from the finite held-out set (the "
         "paired SE over held-out images, averaged over seeds) — every run is measured on the same held-out noise, "
         "so this error is shared by the runs and is not in the ± over seeds.",
@@ -376,11 +419,12 @@ def render_table(results: dict) -> str:
         if not names:
             continue
         lines += [f"### {group}", "",
-                  "| run | reward | Δ reward | held-out SE | colour | shape | count | position | pixel div. | feature div. "
-                  "| W2 div. |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|",
-                  f"| base | {base['reward']:.3f} | | | {base['colour']:.3f} | {base['shape']:.3f} | {base['count']:.3f} | "
-                  f"{base['position']:.3f} | {base['pixel_diversity']:.3f} | {base['feature_diversity']:.3f} | 0 |"]
+                  "| run | lr | validation sweep | reward | Δ reward | held-out SE | colour | shape | count | position "
+                  "| pixel div. | feature div. | W2 div. |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+                  f"| base | | {base['validation_reward']:.3f} | {base['reward']:.3f} | | | {base['colour']:.3f} | "
+                  f"{base['shape']:.3f} | {base['count']:.3f} | {base['position']:.3f} | {base['pixel_diversity']:.3f} | "
+                  f"{base['feature_diversity']:.3f} | 0 |"]
         for name in names:
             finals = list(results["runs"][name]["seeds"].values())
 
@@ -389,8 +433,11 @@ def render_table(results: dict) -> str:
 
             gain = _fmt(*mean_and_se([records[-1]["reward"] - base["reward"] for records in finals]), 3)
             heldout_se = sum(records[-1]["reward_gain_se"] for records in finals) / len(finals)
-            lines.append(f"| {name} | {final('reward')} | {gain} | {heldout_se:.3f} | {final('colour')} | {final('shape')} | "
-                         f"{final('count')} | {final('position')} | {final('pixel_diversity')} | "
+            run = results["runs"][name]
+            sweep = ", ".join(f"{lr}: {value:.3f}" for lr, value in run["lr_sweep"].items())
+            lines.append(f"| {name} | {run['learning_rate']:g} | {sweep} | {final('reward')} | {gain} | {heldout_se:.3f} | "
+                         f"{final('colour')} | {final('shape')} | {final('count')} | {final('position')} | "
+                         f"{final('pixel_diversity')} | "
                          f"{final('feature_diversity')} | {_fmt(*mean_and_se([r[-1]['w2_divergence'] for r in finals]), 5)} |")
         lines.append("")
     return "\n".join(lines)
@@ -463,7 +510,9 @@ def main(argv=None) -> int:
     parser.add_argument("--eval_every", type=int, help=f"steps between held-out evaluations (default {LabSettings.eval_every})")
     parser.add_argument("--sampler_steps", type=int, help=f"Euler steps of rollouts and held-out samples "
                         f"(default {LabSettings.sampler_steps})")
-    parser.add_argument("--no_ablation", action="store_true", help="only the method comparison")
+    parser.add_argument("--ablation", choices=("none", "one", "all"),
+                        help="also run the ADRPO ablation (clip range, reward scale, group size): all of it, or its "
+                             "first run (default none)")
     parser.add_argument("--resume", action="store_true", help="continue a killed lab in --output_dir (same options)")
     args = parser.parse_args(argv)
     try:
@@ -471,11 +520,9 @@ def main(argv=None) -> int:
     except ImportError:
         parser.error("the lab's plots need matplotlib: pip install -e '.[lab]'")
     settings = quick_settings(args.output_dir) if args.quick else LabSettings(output_dir=args.output_dir)
-    for name in ("seeds", "steps", "eval_every", "sampler_steps"):
+    for name in ("seeds", "steps", "eval_every", "sampler_steps", "ablation"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
-    if args.no_ablation:
-        settings.ablation = "none"
     if min(settings.steps, settings.eval_every, settings.sampler_steps) < 1 or not settings.seeds:
         parser.error("--steps, --eval_every and --sampler_steps must be positive and --seeds non-empty")
     if len(set(settings.seeds)) != len(settings.seeds):
