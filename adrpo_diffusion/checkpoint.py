@@ -1,4 +1,5 @@
-"""LoRA export in diffusers format, and resumable training checkpoints written atomically."""
+"""Resumable training checkpoints written atomically, and loading their LoRA back (the export is the model
+family's: :meth:`adrpo_diffusion.families.base.ModelFamily.export_lora`)."""
 
 from __future__ import annotations
 
@@ -11,29 +12,14 @@ LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def export_lora(transformer, lora_config, directory: str | os.PathLike) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` with ``transformer.``-prefixed keys and the LoRA config as
-    metadata, so ``StableDiffusion3Pipeline.load_lora_weights(directory)`` applies it at the trained strength."""
-    from diffusers import StableDiffusion3Pipeline
-    from peft.utils import get_peft_model_state_dict
-
-    from .models import lora_metadata
-
-    StableDiffusion3Pipeline.save_lora_weights(
-        directory,
-        transformer_lora_layers=get_peft_model_state_dict(transformer),
-        transformer_lora_adapter_metadata=lora_metadata(lora_config),
-    )
-    return Path(directory) / LORA_WEIGHTS_NAME
-
-
 def load_lora_into(transformer, directory: str | os.PathLike) -> None:
-    """Load a diffusers-format LoRA written by :func:`export_lora` into a transformer that already carries an
+    """Load a diffusers-format LoRA (``transformer.``-prefixed PEFT keys, as every family's
+    :meth:`~adrpo_diffusion.families.base.ModelFamily.export_lora` writes) into a transformer that already carries an
     adapter of the same shape; every key must match."""
-    from diffusers import StableDiffusion3Pipeline
     from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
 
-    state = StableDiffusion3Pipeline.lora_state_dict(directory)
+    state = load_file(str(Path(directory) / LORA_WEIGHTS_NAME))
     state = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
     result = set_peft_model_state_dict(transformer, state, adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", None)

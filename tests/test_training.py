@@ -109,7 +109,8 @@ def test_dpo_from_the_command_line_resumes_exactly_and_its_lora_loads(tmp_path, 
 
     from adrpo_diffusion import cli
     from adrpo_diffusion.checkpoint import load_lora_into
-    from adrpo_diffusion.models import add_lora
+    from adrpo_diffusion.families import add_lora
+    from adrpo_diffusion.families.sd3 import SD3Family
 
     def run(name, *extra):
         argv = ["--config", "configs/tiny_cpu.yaml", "--method", "dpo", "--output_dir", str(tmp_path / name),
@@ -140,7 +141,7 @@ def test_dpo_from_the_command_line_resumes_exactly_and_its_lora_loads(tmp_path, 
         fresh.load_lora_weights(str(tmp_path / "full"))
         loaded = fresh.transformer(**inputs)[0]
         ours = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir, text_encoder_3=None, tokenizer_3=None).transformer
-        add_lora(ours, rank=8, alpha=16.0)
+        add_lora(ours, 8, 16.0, SD3Family.lora_targets)
         load_lora_into(ours, tmp_path / "full")
         expected = ours(**inputs)[0]
     assert not torch.equal(base, loaded)  # the adapter does something
