@@ -9,6 +9,11 @@ under a temporary name and renamed, so a cached entry is always complete.
     builtin:tiny-flux         a tiny FLUX.1-dev-style pipeline (guidance-distilled transformer, packed latents)
     builtin:tiny-sana         a tiny SANA pipeline (DC-AE, Gemma-2 text encoder)
     builtin:tiny-scorers/<path>   a tiny random asset of the evaluation scorers (CLIP, PickScore, BLIP, ...)
+
+The tiny SD3 models have no T5 encoder, so loading their directory directly needs the two absent components passed
+as None, as for SD3 without T5 (the SD3 family does this itself)::
+
+    StableDiffusion3Pipeline.from_pretrained(resolve_model("builtin:tiny-sd3"), text_encoder_3=None, tokenizer_3=None)
 """
 
 from __future__ import annotations
@@ -19,13 +24,13 @@ from pathlib import Path
 from .utils import cache_dir, replace_directory
 
 PREFIX = "builtin:"
-MODELS = {
-    "tiny-sd3": "adrpo_diffusion.testing.tiny_pipelines:build_tiny_sd3",
-    "tiny-sd3-shapes": "adrpo_diffusion.testing.shapes_base:build_tiny_sd3_shapes",
-    "tiny-flux": "adrpo_diffusion.testing.tiny_pipelines:build_tiny_flux",
-    "tiny-sana": "adrpo_diffusion.testing.tiny_pipelines:build_tiny_sana",
+MODELS = {  # name -> (builder, how long a build takes on a CPU)
+    "tiny-sd3": ("adrpo_diffusion.testing.tiny_pipelines:build_tiny_sd3", "about 10 s"),
+    "tiny-sd3-shapes": ("adrpo_diffusion.testing.shapes_base:build_tiny_sd3_shapes", "about 4 minutes"),
+    "tiny-flux": ("adrpo_diffusion.testing.tiny_pipelines:build_tiny_flux", "about 20 s"),
+    "tiny-sana": ("adrpo_diffusion.testing.tiny_pipelines:build_tiny_sana", "about 10 s"),
 }
-ASSETS = {"tiny-scorers": "adrpo_diffusion.testing.tiny_scorers:build_tiny_scorer_assets"}
+ASSETS = {"tiny-scorers": ("adrpo_diffusion.testing.tiny_scorers:build_tiny_scorer_assets", "about a second")}
 
 
 def model_names() -> list[str]:
@@ -36,10 +41,14 @@ def is_builtin(name: str) -> bool:
     return isinstance(name, str) and name.startswith(PREFIX)
 
 
-def _build(name: str, builder: str) -> Path:
+def _build(name: str, builder: tuple[str, str]) -> Path:
+    """The cached directory of ``name``, built once. A build leaves the global torch RNG as it found it (the builders
+    draw inside ``torch.random.fork_rng``): a run seeded before its model loads draws the same numbers either way."""
     target = cache_dir() / name
     if not target.is_dir():  # renamed into place whole: present means complete
-        module, function = builder.split(":")
+        (module, function), duration = builder[0].split(":"), builder[1]
+        print(f"[adrpo] building {PREFIX}{name} once into {target} ({duration} on a CPU; later runs load it from there)",
+              flush=True)
         replace_directory(target, getattr(importlib.import_module(module), function))
     return target
 

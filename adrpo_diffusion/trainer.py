@@ -17,12 +17,13 @@ import dataclasses
 import gc
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from .checkpoint import checkpoint_step, list_checkpoints, load_lora_into, resolve_resume, save_checkpoint
+from .checkpoint import checkpoint_step, list_checkpoints, load_lora_into, resolve_resume, run_files, save_checkpoint
 from .config import TrainConfig
 from .families import ModelFamily, adapters_off, check_model_source, load_family
 from .losses import sample_times
@@ -80,7 +81,13 @@ class Trainer:
         check_model_source(cfg.pretrained_model)
         self.output_dir = Path(cfg.output_dir)
         self.checkpoints_dir = self.output_dir / "checkpoints"
-        self.resume_dir = resolve_resume(cfg.resume_from_checkpoint, self.checkpoints_dir)
+        previous_run = run_files(self.output_dir)
+        if previous_run and cfg.resume_from_checkpoint is None and not cfg.overwrite_output_dir:
+            raise FileExistsError(
+                f"output_dir {self.output_dir} holds another run ({', '.join(p.name for p in previous_run)}). Continue it "
+                "with --resume_from_checkpoint latest, replace it with --overwrite_output_dir true (deletes those files "
+                "first), or choose another --output_dir."
+            )
         optimizer_cls = torch.optim.AdamW
         if cfg.use_8bit_adam:
             try:
@@ -113,6 +120,7 @@ class Trainer:
                 f"its {n_local} rollouts are not a multiple of images_per_prompt ({cfg.images_per_prompt}). Make "
                 f"prompts_per_step ({cfg.prompts_per_step}) a multiple of the number of processes ({acc.num_processes})."
             )
+        self.resume_dir = resolve_resume(cfg.resume_from_checkpoint, self.checkpoints_dir, dataclasses.asdict(cfg), self._log)
         set_seed(cfg.seed, device_specific=True)  # different rollouts on each process
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -163,9 +171,6 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.metrics_path = self.output_dir / "metrics.jsonl"
-        if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         self._log(f"method: {self.method}")
         if self.resume_dir is not None:
             acc.load_state(str(self.resume_dir))
@@ -173,7 +178,16 @@ class Trainer:
             self._log(f"resumed from {self.resume_dir} at step {self.step}")
         elif cfg.resume_from_checkpoint == "latest":
             self._log("no checkpoint found; starting a new run")
-        if acc.is_main_process:
+        if acc.is_main_process:  # the run starts: only now are the output_dir's files replaced
+            if cfg.overwrite_output_dir and cfg.resume_from_checkpoint is None:
+                for path in previous_run:
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+            (self.output_dir / "summary.json").unlink(missing_ok=True)  # written again when this run ends
             self._truncate_metrics(self.step)
         acc.init_trackers("adrpo", config=_flat_config(cfg))
 
@@ -227,7 +241,10 @@ class Trainer:
         if not len(images):  # eval_prompts: 0
             return
         (self.output_dir / "samples").mkdir(parents=True, exist_ok=True)
-        image_grid(images, cols=max(1, len(self.eval_indices))).save(self.output_dir / "samples" / f"{name}.png")
+        prompts = [self.prompts[i] for i in self.eval_indices]
+        by_prompt = images.unflatten(0, (-1, len(prompts))).transpose(0, 1).flatten(0, 1)  # one row per prompt
+        grid = image_grid(by_prompt, cols=len(images) // len(prompts), labels=prompts)
+        grid.save(self.output_dir / "samples" / f"{name}.png")
 
     # ------------------------------------------------------------------ one iteration
     def train_step(self) -> dict:
@@ -253,7 +270,8 @@ class Trainer:
 
         # 4. flow-matching regression with fresh noise and t, accumulated into one step (none when the method found
         # nothing to train on anywhere, e.g. DPO with every group's rewards equal).
-        sums, grad_norm = self._regress(plan, x1, local_prompt) if plan.global_units else ({}, torch.zeros(()))
+        groups = (rank * n_local + torch.arange(n_local)) // K  # prompt group of each local rollout
+        sums, grad_norm = self._regress(plan, x1, local_prompt, groups) if plan.global_units else ({}, torch.zeros(()))
         # A non-finite reward, loss or gradient anywhere skips the step everywhere.
         ok = bool(torch.isfinite(all_rewards).all()) and math.isfinite(sums.get("loss", 0.0)) and bool(grad_norm.isfinite())
         finite = bool(acc.gather(torch.tensor([float(ok)], device=acc.device)).min().item())
@@ -287,25 +305,32 @@ class Trainer:
             "seconds_train": t3 - t2,
         }
 
-    def _regress(self, plan, x1, local_prompt) -> tuple[dict, torch.Tensor]:
-        """Step 4: fresh noise and t per unit of the plan (a sample, or a DPO pair sharing them), ``timesteps_per_sample``
-        draws each; micro-batches of whole units, each loss (a mean over its units) backpropagated times its share
-        ``units * processes / all units of all processes`` (DDP averages over processes), gradients all-reduced on
-        the last one. Returns the share-weighted sums of the loss parts and the (clipped) gradient norm."""
+    def _regress(self, plan, x1, local_prompt, groups) -> tuple[dict, torch.Tensor]:
+        """Step 4: fresh noise and t per unit of the plan (a sample, or a DPO pair sharing them; with ``shared_noise``,
+        per prompt group), ``timesteps_per_sample`` draws each; micro-batches of whole units, each loss (a mean over
+        its units) backpropagated times its share ``units * processes / all units of all processes`` (DDP averages
+        over processes), gradients all-reduced on the last one. Returns the share-weighted sums of the loss parts
+        and the (clipped) gradient norm."""
         cfg, acc = self.cfg, self.accelerator
         units = plan.rows.view(-1, plan.unit)
         placeholder = not len(units)
         if placeholder:  # no unit here but some elsewhere: a zero-weighted one joins the synchronised backward
             units = torch.zeros(1, plan.unit, dtype=torch.long)
-        units = units.repeat(cfg.timesteps_per_sample, 1)
-        total = plan.global_units * cfg.timesteps_per_sample
+        draws = cfg.timesteps_per_sample
+        # which (noise, t) draw each unit takes: its own, or its group's; a fresh one for each of the ``draws`` repeats
+        owner = groups[units[:, 0]] if cfg.shared_noise else torch.arange(len(units))
+        owner = torch.unique(owner, return_inverse=True)[1]
+        owner = (owner + (owner.max() + 1) * torch.arange(draws)[:, None]).flatten()
+        units = units.repeat(draws, 1)
+        total = plan.global_units * draws
         rows = units.flatten()
         cond = self.cache.select([local_prompt[i] for i in rows.tolist()], acc.device, self.weight_dtype)
         x1_rep = x1[rows]
         values = {k: v[rows] for k, v in plan.values.items()}
-        noise = torch.randn((len(units), *x1.shape[1:]), dtype=torch.float32).to(acc.device, x1.dtype)
-        t = sample_times(len(units), cfg.time_sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std).to(acc.device)
-        noise, t = noise.repeat_interleave(plan.unit, dim=0), t.repeat_interleave(plan.unit)
+        n_draws = int(owner.max()) + 1
+        noise = torch.randn((n_draws, *x1.shape[1:]), dtype=torch.float32).to(acc.device, x1.dtype)
+        t = sample_times(n_draws, cfg.time_sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std).to(acc.device)
+        noise, t = noise[owner].repeat_interleave(plan.unit, dim=0), t[owner].repeat_interleave(plan.unit)
         reference = self.family.reference(acc.unwrap_model(self.model)) if plan.needs_reference else None
         self.model.train()
         sums = {}
@@ -358,14 +383,14 @@ class Trainer:
             progress.update(1)
             progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics.get('loss', math.nan):.4f}")
             if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0:
-                save_checkpoint(acc, self.checkpoints_dir, self.step, cfg.checkpoints_total_limit)
+                save_checkpoint(acc, self.checkpoints_dir, self.step, cfg.checkpoints_total_limit, dataclasses.asdict(cfg))
             if cfg.sample_every and self.step % cfg.sample_every == 0 and acc.is_main_process:
                 _, images = self.heldout_rewards(seeds=cfg.eval_seeds[:1])
                 self._save_samples(images, f"step-{self.step}")
         progress.close()
 
         if not any(step == self.step for step, _ in list_checkpoints(self.checkpoints_dir)):
-            save_checkpoint(acc, self.checkpoints_dir, self.step, cfg.checkpoints_total_limit)
+            save_checkpoint(acc, self.checkpoints_dir, self.step, cfg.checkpoints_total_limit, dataclasses.asdict(cfg))
         if acc.is_main_process:
             self.family.export_lora(acc.unwrap_model(self.model), self.lora_config, self.output_dir)
         self._log(f"LoRA weights: {self.output_dir / 'pytorch_lora_weights.safetensors'}")

@@ -32,6 +32,17 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> No
     os.replace(tmp, path)
 
 
+def file_sha1(path: str | os.PathLike) -> str:
+    """The SHA-1 of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def replace_directory(target: str | os.PathLike, build: Callable[[Path], object]) -> Path:
     """``build(directory)`` fills a fresh, empty temporary directory beside ``target``, which then replaces ``target``
     in one rename (a previous ``target`` is removed first): present means complete."""
@@ -94,13 +105,26 @@ def mean_and_se(values) -> tuple[float, float | None]:
     return mean, math.sqrt(variance / len(values))
 
 
-def image_grid(images, cols: int):
-    """A PIL grid of images ``(N, 3, H, W)`` in ``[0, 1]``, ``cols`` per row, the last row padded with black."""
+def image_grid(images, cols: int, labels: list[str] | None = None):
+    """A PIL grid of images ``(N, 3, H, W)`` in ``[0, 1]``, ``cols`` per row, the last row padded with black.
+    ``labels``: one text per row (e.g. its prompt), written in PIL's default font in a white band on the left."""
     from diffusers.utils import make_image_grid
-    from PIL import Image
+    from PIL import Image, ImageDraw, ImageFont
 
     pil = [Image.fromarray((img.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()) for img in images]
     cols = min(len(pil), cols)
     rows = math.ceil(len(pil) / cols)
     pil += [Image.new("RGB", pil[0].size)] * (rows * cols - len(pil))
-    return make_image_grid(pil, rows=rows, cols=cols)
+    grid = make_image_grid(pil, rows=rows, cols=cols)
+    if not labels:
+        return grid
+    font = ImageFont.load_default()
+    texts = [label if len(label) <= 60 else label[:57] + "..." for label in labels]
+    boxes = [ImageDraw.Draw(grid).textbbox((0, 0), text, font=font) for text in texts]
+    band = max(box[2] for box in boxes) + 8
+    labelled = Image.new("RGB", (grid.width + band, grid.height), "white")
+    labelled.paste(grid, (band, 0))
+    draw, height = ImageDraw.Draw(labelled), pil[0].height
+    for row, (text, box) in enumerate(zip(texts, boxes)):
+        draw.text((4, row * height + (height - box[3] - box[1]) / 2), text, fill="black", font=font)
+    return labelled

@@ -71,6 +71,24 @@ def test_interrupted_checkpoint_is_never_resumed(tmp_path, tiny_sd3_dir):
     assert resumed.step == 2
 
 
+def test_overwrite_replaces_the_old_run_and_a_truncated_checkpoint_falls_back(tmp_path, tiny_sd3_dir, capsys):
+    Trainer(small_config(tmp_path / "run", max_steps=4, seed=0)).train()  # checkpoints step-2, step-4
+    Trainer(small_config(tmp_path / "run", max_steps=2, seed=1, overwrite_output_dir=True)).train()
+    run = tmp_path / "run"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-2"]  # the old step-4 does not outlive it
+    assert json.loads((run / "config.json").read_text())["seed"] == 1
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+
+    Trainer(small_config(run, max_steps=4, seed=1, resume_from_checkpoint="latest")).train()
+    (run / "checkpoints" / "step-4" / "optimizer.bin").write_bytes(b"")  # e.g. a full disk
+    capsys.readouterr()
+    resumed = Trainer(small_config(run, max_steps=5, seed=1, resume_from_checkpoint="latest"))
+    assert resumed.step == 2
+    assert f"not resuming from {run / 'checkpoints' / 'step-4'}: {run / 'checkpoints' / 'step-4' / 'optimizer.bin'} is " \
+           "truncated" in capsys.readouterr().out
+
+
 def test_exported_lora_loads_in_a_fresh_diffusers_pipeline(tmp_path, tiny_sd3_dir):
     from diffusers import StableDiffusion3Pipeline
 
@@ -223,3 +241,31 @@ def test_compiled_sampler_gives_the_same_run(tmp_path, tiny_sd3_dir):
     a, b = lora_tensors(tmp_path / "eager"), lora_tensors(tmp_path / "compiled")
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_shared_noise_gives_each_prompt_group_one_draw(tmp_path, tiny_sd3_dir, monkeypatch, shared):
+    """shared_noise: the K samples of a group take the same (noise, t) for each of the timesteps_per_sample draws;
+    otherwise every sample and draw has its own."""
+    from adrpo_diffusion import trainer as trainer_module
+
+    seen = []
+    real = trainer_module.micro_batch_loss
+
+    def spy(method, family, model, reference, x1, noise, t, *rest):
+        seen.append((noise.clone(), t.clone()))
+        return real(method, family, model, reference, x1, noise, t, *rest)
+
+    monkeypatch.setattr(trainer_module, "micro_batch_loss", spy)
+    cfg = small_config(tmp_path / "run", max_steps=1, timesteps_per_sample=2, train_batch_size=64, eval_prompts=0,
+                       checkpointing_steps=0, shared_noise=shared)  # P=2 prompts x K=4: 8 samples, 16 rows
+    Trainer(cfg).train()
+    noise, t = (torch.cat(parts) for parts in zip(*seen))
+    keys = [(round(float(ti), 6), round(float(n.flatten()[0]), 6)) for n, ti in zip(noise, t)]
+    assert len(keys) == 16
+    groups = [keys[i : i + 4] for i in range(0, 16, 4)]  # rows: draw-major, then samples in group order
+    if shared:
+        assert all(len(set(g)) == 1 for g in groups) and len({g[0] for g in groups}) == 4
+        assert all(torch.equal(noise[i], noise[i - i % 4]) for i in range(16))
+    else:
+        assert len(set(keys)) == 16

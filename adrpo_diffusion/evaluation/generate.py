@@ -9,9 +9,10 @@ image that looks done, and a rerun generates only what is missing (or what was m
 
 from __future__ import annotations
 
+import contextlib
 import gc
-import hashlib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import LORA_WEIGHTS_NAME
-from ..utils import write_atomic
+from ..utils import file_sha1, write_atomic
 from .config import EvalConfig, ModelSpec, PromptEntry
 
 
@@ -53,14 +54,6 @@ def image_seed(seed: int, prompt_index: int, k: int) -> int:
     return int(np.random.SeedSequence([seed, prompt_index, k]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def file_sha1(path: str | os.PathLike) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_settings(model: ModelSpec, cfg: EvalConfig) -> dict:
     """Everything that decides a model's images; an image made with other settings is generated again. The LoRA
     is identified by its file's hash (not its path), so retraining into the same directory counts as a change."""
@@ -69,6 +62,41 @@ def model_settings(model: ModelSpec, cfg: EvalConfig) -> dict:
     settings["resolution"] = cfg.resolution
     settings["dtype"] = str(cfg.resolved_dtype()).removeprefix("torch.")
     return settings
+
+
+class _OncePerCause(logging.Filter):
+    """Lets each distinct library warning through once. CLIP's truncation warning, logged per batch with the cut text
+    of every prompt (padded with hundreds of ``<|endoftext|>``), is cut to its cause and shown once for all prompts."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "can only handle sequences up to" in message:
+            message = message.split(":")[0] + " (for some prompts; shown once)"
+            record.msg, record.args = message, ()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+@contextlib.contextmanager
+def warnings_once():
+    """Within the block, diffusers' log shows every warning once (:class:`_OncePerCause`)."""
+    import diffusers  # noqa: F401  (sets up the handler of its log)
+
+    handlers = logging.getLogger("diffusers").handlers
+    once = _OncePerCause()
+    for handler in handlers:
+        handler.addFilter(once)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(once)
 
 
 def load_model(model: ModelSpec, dtype: torch.dtype, device: str):

@@ -122,8 +122,8 @@ def pretrain_transformer(pipe, steps: int = PRETRAIN_STEPS, batch_size: int = BA
 
 def build_tiny_sd3_shapes(directory: str | os.PathLike, seed: int = 0, steps: int = PRETRAIN_STEPS,
                           vae_steps: int = VAE_STEPS) -> Path:
-    """Build, pre-train and save ``builtin:tiny-sd3-shapes`` into ``directory``."""
-    print("[tiny-sd3-shapes] building the shapes base model (once; a few minutes on a CPU)", flush=True)
+    """Build, pre-train and save ``builtin:tiny-sd3-shapes`` into ``directory`` (:mod:`adrpo_diffusion.builtin` says
+    what it builds and renames the directory into place)."""
     pipe = build_untrained_pipeline(seed, vae_steps)
     with torch.random.fork_rng(devices=[]):
         pretrain_transformer(pipe, steps=steps, seed=seed, log_every=max(1, steps // 6))

@@ -1,0 +1,303 @@
+"""adrpo-grpo: ADRPO-GRPO (or TRL's GRPO) on a causal LM, with a held-out reward before and after.
+
+    adrpo-grpo --config configs/qwen2_0.5b_rm_gemma.yaml [--key value ...]
+
+Keys: the run keys below (model, reward, prompts, method, held-out check) and every field of
+``ADRPOGRPOConfig`` (TRL's ``GRPOConfig`` plus beta0, advantage_min, advantage_max). ``output_dir/<method>``
+holds TRL's outputs; ``output_dir/summary.json`` the held-out rewards; with ``compare_with_grpo`` a GRPO run
+from the same start and budget follows, and ``output_dir/reward_vs_entropy.png`` shows both (the paper's Fig. 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+BUILTIN = "builtin:"
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass
+class RunArguments:
+    model_name_or_path: str = field(default="Qwen/Qwen2-0.5B-Instruct", metadata={
+        "help": "Policy: hub id or local directory of a causal LM, or builtin:tiny-char-lm (offline demo)."})
+    reward_model: str = field(default="weqweasdas/RM-Gemma-2B", metadata={
+        "help": "Reward: hub id or local directory of a sequence-classification reward model (one logit), or "
+                "builtin:first-letter (the demo's verifiable reward)."})
+    dataset_name: str = field(default="RLHFlow/test_generation_2k", metadata={
+        "help": "Prompts: hub id or local path for datasets.load_dataset, or builtin:first-letter."})
+    dataset_split: str = field(default="train", metadata={"help": "Dataset split."})
+    prompt_column: str = field(default="context_messages", metadata={
+        "help": "Column holding the prompt: a string, or a list of chat messages (then chat templates apply)."})
+    num_prompts: int = field(default=0, metadata={"help": "Use the first N rows of the split (0: all)."})
+    method: str = field(default="adrpo", metadata={
+        "help": "adrpo (per-sample KL coefficient beta0 - clip(A)) or grpo (TRL's GRPO with beta = beta0)."})
+    compare_with_grpo: bool = field(default=False, metadata={
+        "help": "With method adrpo: then train TRL's GRPO (beta = beta0) from the same start, budget and seed, and "
+                "plot both."})
+    eval_prompts: int = field(default=16, metadata={
+        "help": "Held-out prompts: the last N rows of the (trimmed) split, never trained on (0: no check)."})
+    eval_seeds: list[int] = field(default_factory=lambda: [1000, 1001], metadata={
+        "help": "Sampling seeds of the held-out completions; before and after are paired per (prompt, seed)."})
+    torch_num_threads: int = field(default=0, metadata={
+        "help": "torch.set_num_threads on CPU (0: torch's default). 1 is much faster for tiny models on busy cores."})
+
+
+def _parser():
+    from transformers import HfArgumentParser
+
+    from .config import ADRPOGRPOConfig
+
+    parser = HfArgumentParser([RunArguments, ADRPOGRPOConfig], prog="adrpo-grpo", allow_abbrev=False,
+                              description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML file of keys (see configs/); --key value overrides it.")
+    return parser
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _unknown(keys, valid, source) -> ConfigError:
+    lines = []
+    for key in keys:
+        close = difflib.get_close_matches(key, valid, n=1)
+        lines.append(f"  {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ConfigError(f"Unknown key(s) in {source}:\n" + "\n".join(lines) + "\nValid keys: " + ", ".join(valid))
+
+
+def parse_args(argv=None) -> tuple[RunArguments, dict]:
+    """The run keys, and the trainer keys as keyword arguments (defaults filled in) for ADRPOGRPOConfig."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    run_names = [f.name for f in dataclasses.fields(RunArguments)]
+    valid = run_names + [n for n in (a.dest for a in parser._actions) if n not in run_names + ["help", "config"]]
+    flags = [a[2:].split("=")[0] for a in argv if a.startswith("--")]
+    unknown = [f for f in flags if f"--{f}" not in parser._option_string_actions]
+    if unknown:
+        raise _unknown(unknown, valid, "the command line")
+    config_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    config_parser.add_argument("--config")
+    config = config_parser.parse_known_args(argv)[0].config
+    if config:
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist.")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a mapping of keys to values.")
+        unknown = [k for k in values if k not in valid]
+        if unknown:
+            raise _unknown(unknown, valid, str(path))
+        parser.set_defaults(**values)
+    namespace = vars(parser.parse_args(argv))
+    namespace.pop("config")
+    run = RunArguments(**{name: namespace.pop(name) for name in run_names})
+    if run.method not in ("adrpo", "grpo"):
+        raise ConfigError(f"method must be adrpo or grpo, got {run.method!r}")
+    if run.compare_with_grpo and run.method != "adrpo":
+        raise ConfigError("compare_with_grpo needs method adrpo")
+    return run, namespace
+
+
+def trainer_args(method: str, trainer_kwargs: dict, output_dir: Path):
+    """The method's trainer class and its validated config; GRPO gets TRL's GRPOConfig with beta = beta0."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from .config import ADRPOGRPOConfig
+    from .trainer import ADRPOGRPOTrainer
+
+    kwargs = {**trainer_kwargs, "output_dir": str(output_dir / method)}
+    adrpo_args = ADRPOGRPOConfig(**kwargs)
+    if method == "adrpo":
+        return ADRPOGRPOTrainer, adrpo_args
+    grpo_kwargs = {k: v for k, v in kwargs.items() if k not in ("beta0", "advantage_min", "advantage_max")}
+    return GRPOTrainer, GRPOConfig(**{**grpo_kwargs, "beta": adrpo_args.beta0})
+
+
+def check_model_source(name: str, key: str, builtins: tuple) -> None:
+    """Fail before anything heavy loads if ``name`` cannot be loaded (offline and neither local nor cached)."""
+    if name.startswith(BUILTIN):
+        if name not in builtins:
+            raise ConfigError(f"Unknown built-in {key} {name!r}; built-ins: {', '.join(builtins)}")
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{path} has no config.json: pass a transformers model directory (save_pretrained output)")
+        return
+    hint = (f"Download it where there is network (huggingface-cli download {name} --local-dir /models/{name.split('/')[-1]}) "
+            f"and pass --{key} /models/{name.split('/')[-1]}.")
+    if not _HUB_ID.match(name):
+        raise ConfigError(f"{key} {name!r} is neither a local directory nor a hub id (owner/name). {hint}")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(name, "config.json"), str) and constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"{key} {name!r} is not a local directory nor in the hub cache, and HF_HUB_OFFLINE is set. {hint}")
+
+
+def load_prompts(run: RunArguments):
+    """(training dataset with a "prompt" column, held-out prompts: the split's last ``eval_prompts`` rows)."""
+    from datasets import Dataset, load_dataset
+
+    from .tiny import FIRST_LETTER, first_letter_prompts
+
+    if run.dataset_name == FIRST_LETTER:
+        dataset = Dataset.from_dict({"prompt": first_letter_prompts(run.num_prompts)})
+    elif run.dataset_name.startswith(BUILTIN):
+        raise ConfigError(f"Unknown built-in dataset_name {run.dataset_name!r}; built-ins: {FIRST_LETTER}")
+    else:
+        try:
+            dataset = load_dataset(run.dataset_name, split=run.dataset_split)
+        except Exception as err:  # offline and not cached, no such split, ...
+            raise ConfigError(f"Cannot load the prompts {run.dataset_name!r} (split {run.dataset_split!r}): "
+                              f"{type(err).__name__}: {err}. Offline, pass a local copy as --dataset_name (download "
+                              f"it where there is network: huggingface-cli download {run.dataset_name} --repo-type "
+                              "dataset --local-dir DIR).") from err
+        if run.prompt_column not in dataset.column_names:
+            raise ConfigError(f"{run.dataset_name} has no column {run.prompt_column!r}; columns: {dataset.column_names}")
+        dataset = dataset.select_columns([run.prompt_column]).rename_column(run.prompt_column, "prompt")
+        if run.num_prompts:
+            dataset = dataset.select(range(min(run.num_prompts, len(dataset))))
+    if run.eval_prompts >= len(dataset):
+        raise ConfigError(f"eval_prompts ({run.eval_prompts}) must be smaller than the {len(dataset)} prompts")
+    cut = len(dataset) - run.eval_prompts
+    return dataset.select(range(cut)), dataset["prompt"][cut:]
+
+
+def reward_funcs(run: RunArguments) -> list:
+    from .tiny import FIRST_LETTER, first_letter_reward
+
+    return [first_letter_reward if run.reward_model == FIRST_LETTER else run.reward_model]
+
+
+def heldout_rewards(trainer, prompts: list, seeds: list[int]):
+    """Reward of one sampled completion per (seed, prompt), shape ``(len(seeds) * len(prompts),)``: the trainer's
+    reward functions, weighted and summed as in training, on completions sampled like the training rollouts."""
+    import torch
+    from transformers import GenerationConfig
+
+    model, tokenizer, args = trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, trainer.args
+    conversational = not isinstance(prompts[0], str)
+    if conversational:
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    else:
+        texts = prompts
+    encoded = tokenizer(text=texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    encoded = encoded.to(model.device)
+    generation = GenerationConfig(do_sample=True, max_new_tokens=args.max_completion_length, temperature=args.temperature,
+                                  top_p=args.top_p, top_k=args.top_k, pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=model.generation_config.eos_token_id)
+    rewards, was_training = [], model.training
+    model.eval()  # no dropout, and no gradient checkpointing (which would turn off the KV cache)
+    devices = [model.device] if model.device.type == "cuda" else []
+    for seed in seeds:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():  # leaves the training RNG untouched
+            torch.manual_seed(seed)
+            completion_ids = model.generate(**encoded, generation_config=generation)[:, encoded["input_ids"].shape[1]:]
+        completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        if conversational:
+            completions = [[{"role": "assistant", "content": c}] for c in completions]
+        per_func = trainer._calculate_rewards([{"prompt": p} for p in prompts], prompts, completions,
+                                              completion_ids.tolist())[: len(prompts)]
+        rewards.append((per_func * trainer.reward_weights.to(per_func.device)).nansum(dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(rewards)
+
+
+def train_one(method: str, run: RunArguments, trainer_cls, args, model_path: str, train_dataset, heldout: list) -> dict:
+    """Train one method; the held-out rewards before and after (paired over prompts and seeds) and its curve."""
+    trainer = trainer_cls(model=model_path, reward_funcs=reward_funcs(run), args=args, train_dataset=train_dataset)
+    before = heldout_rewards(trainer, heldout, run.eval_seeds) if heldout else None
+    start = time.time()
+    trainer.train()
+    result = {"method": method, "train_time_s": round(time.time() - start, 1), "steps": trainer.state.global_step}
+    if heldout:
+        diff = heldout_rewards(trainer, heldout, run.eval_seeds) - before
+        result.update(heldout_samples=diff.numel(), heldout_reward_before=before.mean().item(),
+                      heldout_reward_after=(before + diff).mean().item(), heldout_improvement=diff.mean().item(),
+                      heldout_improvement_se=(diff.std() / diff.numel() ** 0.5).item())
+        print(f"adrpo-grpo [{method}]: held-out reward before {result['heldout_reward_before']:.4f} -> after "
+              f"{result['heldout_reward_after']:.4f} (change {result['heldout_improvement']:+.4f} +- "
+              f"{result['heldout_improvement_se']:.4f} SE, paired over {diff.numel()} prompt x seed samples)", flush=True)
+    result["curve"] = [{"step": h["step"], "reward": h["reward"], "entropy": h["entropy"]}
+                       for h in trainer.state.log_history if "reward" in h and "entropy" in h]
+    trainer.save_model()
+    return result
+
+
+def plot_reward_vs_entropy(results: list[dict], path: Path) -> None:
+    """The paper's Fig. 4: mean reward against mean token entropy along training, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def running_mean(xs: list, window: int) -> list:
+        return [sum(xs[max(0, i - window + 1): i + 1]) / len(xs[max(0, i - window + 1): i + 1]) for i in range(len(xs))]
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for result in results:
+        window = max(1, len(result["curve"]) // 10)  # a tenth of training, for readability
+        entropy = running_mean([p["entropy"] for p in result["curve"]], window)
+        reward = running_mean([p["reward"] for p in result["curve"]], window)
+        line, = ax.plot(entropy, reward, label=result["method"].upper())
+        ax.scatter(entropy[-1:], reward[-1:], color=line.get_color())
+    ax.set_xlabel("mean token entropy (nats)")
+    ax.set_ylabel("mean training reward")
+    ax.set_title(f"along training: running means over {window} steps, dot: last", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    start = time.time()
+    try:
+        run, trainer_kwargs = parse_args(argv)
+        output_dir = Path(trainer_kwargs.get("output_dir") or "trainer_output")
+        methods = ["adrpo", "grpo"] if run.compare_with_grpo else [run.method]
+        from .tiny import FIRST_LETTER, TINY_LM, tiny_lm_path
+
+        check_model_source(run.model_name_or_path, "model_name_or_path", (TINY_LM,))
+        check_model_source(run.reward_model, "reward_model", (FIRST_LETTER,))
+        configs = {m: trainer_args(m, trainer_kwargs, output_dir) for m in methods}
+        import matplotlib  # noqa: F401  (the plot at the end)
+
+        train_dataset, heldout = load_prompts(run)
+    except (ConfigError, ValueError, FileNotFoundError, ImportError) as err:
+        print(f"adrpo-grpo: error: {err}", file=sys.stderr)
+        return 2
+    if run.torch_num_threads:
+        import torch
+
+        torch.set_num_threads(run.torch_num_threads)
+    model_path = tiny_lm_path() if run.model_name_or_path == TINY_LM else run.model_name_or_path
+    results = [train_one(m, run, *configs[m], model_path, train_dataset, heldout) for m in methods]
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0
+    plot_reward_vs_entropy(results, output_dir / "reward_vs_entropy.png")
+    summary = {**{k: v for k, v in results[0].items() if k != "curve"}, "wall_time_s": round(time.time() - start, 1)}
+    if run.compare_with_grpo:
+        summary["grpo"] = {k: v for k, v in results[1].items() if k != "curve"}
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (output_dir / "curves.json").write_text(json.dumps({r["method"]: r["curve"] for r in results}))
+    print(f"adrpo-grpo: wrote {output_dir / 'summary.json'} and {output_dir / 'reward_vs_entropy.png'} "
+          f"({summary['wall_time_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
