@@ -1,7 +1,7 @@
 """Benchmark of one training iteration's phases and of the memory/speed levers.
 
-Phases, timed separately (median of ``--repeats`` after one warm-up): rollout sampling (the diffusers SD3
-pipeline, as the trainer runs it), VAE decode, reward (CLIP score), and the train step (policy
+Phases, timed separately (median of ``--repeats`` after one warm-up): rollout sampling (the SD3 family's
+rollouts, as the trainer runs them), VAE decode, reward (CLIP score), and the train step (policy
 forward/backward plus the reference forward, then the optimiser step). Reports images/s per phase, the train
 step's samples/s, peak memory, and model FLOP utilisation (MFU).
 
@@ -132,14 +132,15 @@ class Bench:
             StableDiffusion3Pipeline,
         )
 
-        from .models import TINY_SD3, add_lora, load_sd3_pipeline
+        from .families import load_family
+        from .families.sd3 import SD3Family
 
         self.device = torch.device(device)
         self.arch, self.resolution = arch, resolution
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         torch.manual_seed(0)
         if arch == "tiny":
-            pipe = load_sd3_pipeline(TINY_SD3)
+            pipe = load_family("builtin:tiny-sd3").pipe
             self.text_modules = [pipe.text_encoder, pipe.text_encoder_2]
             pipe.text_encoder = pipe.text_encoder_2 = None
             transformer, vae, scheduler = pipe.transformer, pipe.vae, pipe.scheduler
@@ -153,15 +154,16 @@ class Bench:
             self.text_tokens, self.max_sequence_length = 77 + 256, 256
         transformer.to(self.device, dtype).requires_grad_(False)
         vae.to(self.device, dtype).requires_grad_(False)
-        self.lora_config = add_lora(transformer, rank=lora_rank, alpha=lora_rank)
-        for p in transformer.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-        self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
         self.pipe = StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=None,
                                              tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                                              text_encoder_3=None, tokenizer_3=None)
         self.pipe.set_progress_bar_config(disable=True)
+        self.family = SD3Family(self.pipe, guidance_scale=4.5)
+        self.lora_config = self.family.add_lora(lora_rank, lora_rank)
+        for p in transformer.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
         self.scorer = self._reward_model()
         c = transformer.config
         self.latent_size = resolution // self.pipe.vae_scale_factor
@@ -186,7 +188,7 @@ class Bench:
         """The CLIP-score reward: CLIP ViT-L/14 at random init for sd3-medium, a tiny CLIP for tiny."""
         from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-        from .models import _char_tokenizer
+        from .builtin import resolve_asset
         from .scorers.clip import ClipScorer
 
         if self.arch == "tiny":
@@ -203,7 +205,7 @@ class Bench:
                                              pad_token_id=513, **text), vision_config=vision, projection_dim=projection)
         processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": size},
                                                                      crop_size={"height": size, "width": size}),
-                                  tokenizer=_char_tokenizer())
+                                  tokenizer=CLIPProcessor.from_pretrained(resolve_asset("builtin:tiny-scorers/clip")).tokenizer)
         dtype = "float16" if self.device.type == "cuda" else "float32"
         with self.device:
             model = CLIPModel(config).to(getattr(torch, dtype))
@@ -228,12 +230,13 @@ class Bench:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def embeddings(self, n: int, dtype):
+    def embeddings(self, n: int, dtype) -> dict:
+        """Random prompt tensors of the right shapes, as the family's prompt cache selects them."""
         c = self.transformer.config
         g = torch.Generator(device="cpu").manual_seed(n)
         embeds = torch.randn(n, self.text_tokens, c.joint_attention_dim, generator=g).to(self.device, dtype)
         pooled = torch.randn(n, c.pooled_projection_dim, generator=g).to(self.device, dtype)
-        return embeds, pooled
+        return {"embeds": embeds, "pooled": pooled}
 
     def timed(self, fn, repeats: int) -> float:
         fn()  # warm-up (and compilation)
@@ -248,15 +251,16 @@ class Bench:
 
     # ------------------------------------------------------------------ phases
     def sample(self, s: Scenario, model):
+        from .families import PromptCache
+
         dtype = self.param_dtype(s)
-        embeds, pooled = self.embeddings(s.batch_size, dtype)
-        negative, negative_pooled = self.embeddings(s.batch_size, dtype)
+        cond = self.embeddings(s.batch_size, dtype)
+        negative = {k: v[:1] for k, v in self.embeddings(s.batch_size + 1, dtype).items()}
         if s.cfg == "batched":
             self.pipe.transformer = model
-            out = self.pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative,
-                            negative_pooled_prompt_embeds=negative_pooled, num_inference_steps=s.steps, guidance_scale=4.5,
-                            height=self.resolution, width=self.resolution, output_type="latent")
-            return out.images
+            cache = PromptCache(cond, negative)
+            return self.family.sample(cache, list(range(s.batch_size)), num_inference_steps=s.steps,
+                                      resolution=self.resolution, batch_size=s.batch_size)
         # split CFG: the same Euler sampler, conditional and unconditional passes as two forwards
         self.scheduler.set_timesteps(s.steps, device=self.device)
         c = self.transformer.config
@@ -264,11 +268,10 @@ class Bench:
         with torch.no_grad():
             for t in self.scheduler.timesteps:
                 timestep = t.expand(s.batch_size)
-                cond = model(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds,
-                             pooled_projections=pooled, return_dict=False)[0]
-                uncond = model(hidden_states=latents, timestep=timestep, encoder_hidden_states=negative,
-                               pooled_projections=negative_pooled, return_dict=False)[0]
-                latents = self.scheduler.step(uncond + 4.5 * (cond - uncond), t, latents).prev_sample
+                v_cond = self.family.velocity(model, latents, timestep, cond)
+                v_uncond = self.family.velocity(model, latents, timestep,
+                                                {k: v.expand(s.batch_size, *v.shape[1:]) for k, v in negative.items()})
+                latents = self.scheduler.step(v_uncond + 4.5 * (v_cond - v_uncond), t, latents).prev_sample
         return latents
 
     def param_dtype(self, s: Scenario):
@@ -276,8 +279,7 @@ class Bench:
 
     def run(self, s: Scenario, repeats: int) -> dict:
         from .methods import build_method
-        from .sampling import decode_latents
-        from .trainer import adapters_disabled, micro_batch_loss
+        from .trainer import micro_batch_loss
 
         dtype = self.param_dtype(s)
         if self.vae.dtype != dtype:
@@ -316,10 +318,10 @@ class Bench:
                 latents = self.sample(s, model)
             if "decode" in s.phases:
                 self.reset_peak()
-                seconds = self.timed(lambda: decode_latents(self.pipe, latents, s.batch_size), repeats)
+                seconds = self.timed(lambda: self.family.decode(latents, s.batch_size), repeats)
                 result.update(decode_images_per_s=s.batch_size / seconds, decode_peak_gb=self.peak_gb())
             if "reward" in s.phases:
-                images = decode_latents(self.pipe, latents, s.batch_size)
+                images = self.family.decode(latents, s.batch_size)
                 prompts = ["a photo of an astronaut riding a horse"] * s.batch_size
                 self.reset_peak()
                 seconds = self.timed(lambda: self.scorer.score(images, prompts), repeats)
@@ -331,7 +333,12 @@ class Bench:
 
                     with self.device:
                         reference_model = SD3Transformer2DModel(**self.transformer.config).to(dtype).requires_grad_(False)
-                reference = reference_model if reference_model is not None else adapters_disabled(self.transformer)
+                if reference_model is not None:
+                    def reference(x, timestep, cond, copy=reference_model):
+                        with torch.no_grad():
+                            return self.family.velocity(copy, x, timestep, cond)
+                else:
+                    reference = self.family.reference(self.transformer)
                 params = [p for p in self.transformer.parameters() if p.requires_grad]
                 optimizer = torch.optim.AdamW(params, lr=1e-6)
                 n = s.train_batch_size
@@ -340,12 +347,12 @@ class Bench:
                 x1 = torch.randn(n, c.in_channels, self.latent_size, self.latent_size, generator=g).to(self.device, dtype)
                 noise = torch.randn(x1.shape, generator=g).to(self.device, dtype)
                 t = torch.rand(n, generator=g).to(self.device)
-                embeds, pooled = self.embeddings(n, dtype)
+                cond = self.embeddings(n, dtype)
                 advantages = torch.linspace(-1, 1, n, device=self.device)
                 adrpo, weights = build_method("adrpo", {}, images_per_prompt=2), {"fm": advantages, "w2": 1.0 - advantages}
 
                 def train_step():
-                    loss, _ = micro_batch_loss(adrpo, model, reference, x1, noise, t, embeds, pooled, weights)
+                    loss, _ = micro_batch_loss(adrpo, self.family, model, reference, x1, noise, t, cond, weights)
                     loss.backward()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -357,7 +364,7 @@ class Bench:
                               train_tflops=train_flops * n / seconds / 1e12)
                 if peak_tflops:
                     result["train_mfu"] = result["train_tflops"] / peak_tflops
-                del optimizer, reference_model
+                del optimizer, reference_model, reference
         self.transformer.disable_gradient_checkpointing()
         return result
 
@@ -387,7 +394,7 @@ class Bench:
 def method_overhead(bench: Bench, repeats: int) -> dict:
     """Train-step time of ADRPO versus orw-cfm-w2, fixed-beta and raft on identical batches (CPU ratios)."""
     from .methods import build_method
-    from .trainer import adapters_disabled, micro_batch_loss
+    from .trainer import micro_batch_loss
 
     dtype = torch.float32
     bench.run(Scenario("warm-up", dtype="fp32", phases=("train",)), 1)  # also puts the models in fp32
@@ -395,7 +402,7 @@ def method_overhead(bench: Bench, repeats: int) -> dict:
     g = torch.Generator().manual_seed(2)
     x1 = torch.randn(n, c.in_channels, bench.latent_size, bench.latent_size, generator=g).to(bench.device, dtype)
     noise, t = torch.randn(x1.shape, generator=g).to(bench.device, dtype), torch.rand(n, generator=g).to(bench.device)
-    embeds, pooled = bench.embeddings(n, dtype)
+    cond = bench.embeddings(n, dtype)
     rewards, groups = torch.randn(n, generator=g), torch.arange(n) // 4
     params = [p for p in bench.transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6)
@@ -403,10 +410,10 @@ def method_overhead(bench: Bench, repeats: int) -> dict:
     for name in ("adrpo", "orw-cfm-w2", "fixed-beta", "raft"):  # every sample, one t each (DPO trains on pairs)
         method = build_method(name, {}, images_per_prompt=4)
         plan = method.plan(rewards, groups, rank=0, n_local=n)
-        reference = adapters_disabled(bench.transformer) if plan.needs_reference else None
+        reference = bench.family.reference(bench.transformer) if plan.needs_reference else None
 
         def step(method=method, reference=reference, values=plan.values):
-            loss, _ = micro_batch_loss(method, bench.transformer, reference, x1, noise, t, embeds, pooled, values)
+            loss, _ = micro_batch_loss(method, bench.family, bench.transformer, reference, x1, noise, t, cond, values)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -1,4 +1,5 @@
-"""LoRA export in diffusers format, and resumable training checkpoints written atomically.
+"""Resumable training checkpoints written atomically, and loading their LoRA back (the export is the model
+family's: :meth:`adrpo_diffusion.families.base.ModelFamily.export_lora`).
 
 A checkpoint ``step-N`` holds ``manifest.json``: the run's config and the size and SHA-1 of every file. Resuming
 checks both before any model loads: a missing, truncated or altered file (``latest`` then falls back to the previous
@@ -25,29 +26,14 @@ class CheckpointError(ValueError):
     pass
 
 
-def export_lora(transformer, lora_config, directory: str | os.PathLike) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` with ``transformer.``-prefixed keys and the LoRA config as
-    metadata, so ``StableDiffusion3Pipeline.load_lora_weights(directory)`` applies it at the trained strength."""
-    from diffusers import StableDiffusion3Pipeline
-    from peft.utils import get_peft_model_state_dict
-
-    from .models import lora_metadata
-
-    StableDiffusion3Pipeline.save_lora_weights(
-        directory,
-        transformer_lora_layers=get_peft_model_state_dict(transformer),
-        transformer_lora_adapter_metadata=lora_metadata(lora_config),
-    )
-    return Path(directory) / LORA_WEIGHTS_NAME
-
-
 def load_lora_into(transformer, directory: str | os.PathLike) -> None:
-    """Load a diffusers-format LoRA written by :func:`export_lora` into a transformer that already carries an
+    """Load a diffusers-format LoRA (``transformer.``-prefixed PEFT keys, as every family's
+    :meth:`~adrpo_diffusion.families.base.ModelFamily.export_lora` writes) into a transformer that already carries an
     adapter of the same shape; every key must match."""
-    from diffusers import StableDiffusion3Pipeline
     from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
 
-    state = StableDiffusion3Pipeline.lora_state_dict(directory)
+    state = load_file(str(Path(directory) / LORA_WEIGHTS_NAME))
     state = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
     result = set_peft_model_state_dict(transformer, state, adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", None)
@@ -71,7 +57,7 @@ def run_files(output_dir: str | os.PathLike) -> list[Path]:
 
 def write_manifest(directory: Path, config: dict) -> None:
     """``manifest.json`` in a checkpoint: ``config`` and the size and SHA-1 of every file in ``directory``."""
-    from .evaluation.generate import file_sha1
+    from .utils import file_sha1
 
     files = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha1": file_sha1(p)}
              for p in sorted(directory.rglob("*")) if p.is_file()}
@@ -80,7 +66,7 @@ def write_manifest(directory: Path, config: dict) -> None:
 
 def _manifest_problem(path: Path) -> str | None:
     """Why the checkpoint at ``path`` is not complete (naming the file), or None."""
-    from .evaluation.generate import file_sha1
+    from .utils import file_sha1
 
     try:
         files = json.loads((path / MANIFEST_NAME).read_text())["files"]

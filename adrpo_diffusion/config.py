@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import typing
 import warnings
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import yaml
 
 from .methods import available_methods, build_method, method_problems, methods_help, methods_with_option
 from .methods import documented as _f
+from .utils import load_yaml_mapping, unknown_keys_message
 
 
 class ConfigError(ValueError):
@@ -25,13 +25,17 @@ class ConfigError(ValueError):
 class TrainConfig:
     # --- model
     pretrained_model: str = _f("stabilityai/stable-diffusion-3-medium-diffusers",
-                               "Hub id or local directory of an SD3-family diffusers pipeline, or builtin:tiny-sd3[-shapes].")
-    drop_t5: bool = _f(False, "Load without the T5 text encoder (saves ~9 GB; the pipeline feeds zeros instead).")
+                               "Hub id or local directory of a diffusers pipeline of a supported family (SD3/SD3.5, "
+                               "FLUX.1, SANA; detected from model_index.json), or builtin:tiny-sd3, builtin:tiny-sd3-shapes, "
+                               "builtin:tiny-flux, builtin:tiny-sana.")
+    drop_t5: bool = _f(False, "SD3 family only: load without the T5 text encoder (saves ~9 GB; the pipeline feeds zeros "
+                              "instead).")
     mixed_precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), no, fp16 or bf16. LoRA parameters stay fp32.")
     lora_rank: int = _f(32, "LoRA rank r.")
     lora_alpha: float = _f(32.0, "LoRA alpha (the update is scaled by alpha / r).")
-    lora_target_modules: list = _f(["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
-                                   "Transformer modules that get LoRA: the image and the context (add_*) attention projections.")
+    lora_target_modules: list = _f([], "Transformer modules that get LoRA; empty: the family's default (SD3, FLUX: the "
+                                       "image and context attention projections to_q/k/v, to_out.0, add_q/k/v_proj, "
+                                       "to_add_out; SANA: to_q/k/v, to_out.0 of the self- and cross-attention).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass (less memory, ~40% slower).")
     compile_sampler: bool = _f(False, "torch.compile the transformer for the rollouts (+56% images/s on an H100, "
                                       "BENCHMARKS.md; about a minute of compilation at start).")
@@ -41,9 +45,12 @@ class TrainConfig:
     prompts_per_step: int = _f(8, "P: prompts drawn per iteration (over all processes).")
     images_per_prompt: int = _f(4, "K: images sampled per prompt from the current policy; the group for the baseline.")
     num_inference_steps: int = _f(20, "ODE (Euler) steps per rollout.")
-    guidance_scale: float = _f(4.5, "Classifier-free guidance scale of the rollouts (1 disables CFG).")
+    guidance_scale: float = _f(4.5, "Guidance of the rollouts. SD3, SANA: classifier-free guidance scale (1 disables "
+                                    "CFG). FLUX.1-dev: the distilled guidance embedding's value (3.5 in its model card), "
+                                    "given in the rollouts and in the loss; FLUX.1-schnell: ignored.")
     resolution: int = _f(512, "Image height and width in pixels.")
-    max_sequence_length: int = _f(256, "T5 token length (SD3 default 256).")
+    max_sequence_length: int = _f(256, "Text tokens of the per-token encoder: SD3's and FLUX's T5 (SD3 default 256, "
+                                       "FLUX.1-dev 512), SANA's Gemma-2 (300).")
     rollout_batch_size: int = _f(8, "Images sampled per forward batch on each process.")
     # --- reward
     reward: str = _f("clip", "Reward scorer name in the scorer registry (clip, color, ...).")
@@ -126,29 +133,18 @@ def _coerce(name: str, value):
 
 
 def unknown_key_error(keys, source: str) -> ConfigError:
-    lines = []
-    for key in keys:
-        close = difflib.get_close_matches(key, FIELDS, n=1)
+    def method_option(key):
         owners = methods_with_option(key)
-        hint = (f" (a parameter of {', '.join(owners)}: give it in method_options)" if owners
-                else f" (did you mean {close[0]!r}?)" if close else "")
-        lines.append(f"  {key!r}{hint}")
-    return ConfigError(f"Unknown config key(s) in {source}:\n" + "\n".join(lines) + "\nValid keys: " + ", ".join(FIELDS))
+        return f" (a parameter of {', '.join(owners)}: give it in method_options)" if owners else None
+
+    return ConfigError(unknown_keys_message(keys, FIELDS, source, hint=method_option))
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
     """Read a YAML file (if any), apply ``overrides`` on top, check types, and validate."""
     values: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file {path} does not exist.")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of config keys to values.")
+        loaded = load_yaml_mapping(path, ConfigError)
         unknown = [k for k in loaded if k not in FIELDS]
         if unknown:
             raise unknown_key_error(unknown, str(path))

@@ -8,8 +8,9 @@ and differ only in the weights they derive from the rewards of the rollout batch
 winner/loser pairs instead (:func:`flow_dpo_loss`). ``mse_i`` is the mean over all non-batch elements of sample i.
 
 Time/sign convention (DESIGN.md section 2): with data ``x1``, noise ``x0`` and ``sigma = 1 - t``,
-diffusers' SD3 input is ``x_sigma = (1 - sigma) x1 + sigma x0`` at ``timestep = 1000 sigma`` and its
-velocity target is ``x0 - x1 = -u_t``; :func:`flow_matching_pair` builds exactly that.
+diffusers' input is ``x_sigma = (1 - sigma) x1 + sigma x0`` and its velocity target is ``x0 - x1 = -u_t``;
+:func:`flow_matching_pair` builds exactly that (the timestep each family's transformer is given at ``sigma`` is
+the family's business: SD3 ``1000 sigma``, see :mod:`adrpo_diffusion.families`).
 """
 
 from __future__ import annotations
@@ -97,15 +98,16 @@ def flow_dpo_loss(
 def flow_matching_pair(
     x1: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inputs and target of one flow-matching regression in diffusers' SD3 convention.
+    """Input, noise level and target of one flow-matching regression in diffusers' rectified-flow convention.
 
-    Paper: ``x_t = (1 - t) x0 + t x1`` with ``u_t = x1 - x0``. SD3: ``sigma = 1 - t``, returns
-    ``(x_sigma, timestep = 1000 sigma, target = x0 - x1 = -u_t)``.
+    Paper: ``x_t = (1 - t) x0 + t x1`` with ``u_t = x1 - x0``. diffusers (SD3, FLUX.1, SANA): ``sigma = 1 - t``,
+    returns ``(x_sigma = (1 - sigma) x1 + sigma x0, sigma, target = x0 - x1 = -u_t)``. Each model family maps
+    ``sigma`` to its transformer's timestep (:meth:`adrpo_diffusion.families.base.ModelFamily.timestep`).
     """
     sigma = (1.0 - t).to(x1.dtype)
     sigma_b = sigma.view(-1, *([1] * (x1.ndim - 1)))
     x_sigma = (1.0 - sigma_b) * x1 + sigma_b * noise
-    return x_sigma, sigma * 1000.0, noise - x1
+    return x_sigma, sigma, noise - x1
 
 
 def sample_times(n: int, scheme: str, generator: torch.Generator | None = None, logit_mean: float = 0.0,

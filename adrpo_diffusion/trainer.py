@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import checkpoint_step, export_lora, list_checkpoints, load_lora_into, resolve_resume, run_files, save_checkpoint
+from .checkpoint import checkpoint_step, list_checkpoints, load_lora_into, resolve_resume, run_files, save_checkpoint
 from .config import TrainConfig
-from .losses import flow_matching_pair, sample_times
+from .families import ModelFamily, adapters_off, check_model_source, load_family
+from .losses import sample_times
 from .methods import Method, build_method
-from .models import add_lora, check_model_source, load_sd3_pipeline
 from .prompts import PromptSampler, load_prompts
-from .sampling import decode_latents, encode_prompts, free_text_encoders, image_grid, sample_latents
 from .scorers import build_scorer, check_scorer
+from .utils import image_grid, mean_and_se
 
 
 class NonFiniteLossError(RuntimeError):
@@ -61,32 +61,14 @@ def eval_prompt_indices(num_prompts: int, count: int) -> list[int]:
     return sorted({round(i * num_prompts / count) for i in range(count)}) if count else []
 
 
-def adapters_disabled(lora_transformer):
-    """The reference velocity ``v_ref``: the same transformer with its LoRA adapters switched off (no second
-    copy of the weights). Call it under ``no_grad``."""
-
-    def forward(**inputs):
-        lora_transformer.disable_adapters()
-        try:
-            return lora_transformer(**inputs)
-        finally:
-            lora_transformer.enable_adapters()
-
-    return forward
-
-
-def micro_batch_loss(method: Method, model, reference, x1, noise, t, embeds, pooled, values):
-    """The loss of one micro-batch: build ``(x_sigma, timestep, target)`` from the rollout latents, noise and t;
-    ``v_ref`` from ``reference`` without gradient (skipped when ``reference`` is None); ``v_theta`` from the
-    policy; then the method's loss. Returns ``(loss, parts)``."""
-    x_sigma, timestep, target = flow_matching_pair(x1, noise, t)
-    inputs = dict(hidden_states=x_sigma, timestep=timestep, encoder_hidden_states=embeds, pooled_projections=pooled,
-                  return_dict=False)
-    v_ref = None
-    if reference is not None:
-        with torch.no_grad():
-            v_ref = reference(**inputs)[0]
-    v_theta = model(**inputs)[0]
+def micro_batch_loss(method: Method, family: ModelFamily, model, reference, x1, noise, t, cond, values):
+    """The loss of one micro-batch: the family's ``(x_sigma, timestep, target)`` from the rollout latents, noise and
+    t; ``v_ref = reference(x_sigma, timestep, cond)`` (:meth:`ModelFamily.reference`: adapters off, no gradient;
+    skipped when ``reference`` is None); ``v_theta`` from the policy ``model``; then the method's loss. Returns
+    ``(loss, parts)``."""
+    x_sigma, timestep, target = family.flow_matching_pair(x1, noise, t)
+    v_ref = None if reference is None else reference(x_sigma, timestep, cond)
+    v_theta = family.velocity(model, x_sigma, timestep, cond)
     return method.loss(v_theta, v_ref, target, values)
 
 
@@ -148,19 +130,20 @@ class Trainer:
         self.scorer = build_scorer(cfg.reward, **cfg.reward_options)
         self.scorer.to(acc.device)
         # Models: frozen base in weight_dtype, LoRA in fp32.
-        pipe = load_sd3_pipeline(cfg.pretrained_model, dtype=self.weight_dtype, drop_t5=cfg.drop_t5)
+        self.family = family = load_family(cfg.pretrained_model, dtype=self.weight_dtype,
+                                           guidance_scale=cfg.guidance_scale, drop_t5=cfg.drop_t5)
+        pipe = family.pipe
         pipe.set_progress_bar_config(disable=True)
         pipe.to(acc.device)
-        for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-            if module is not None:
-                module.requires_grad_(False)
+        for module in family.modules():
+            module.requires_grad_(False)
         self.eval_indices = eval_prompt_indices(len(self.prompts), cfg.eval_prompts)
-        self.cache = encode_prompts(pipe, self.prompts, acc.device, self.weight_dtype, cfg.max_sequence_length)
-        free_text_encoders(pipe)
+        self.cache = family.encode_prompts(self.prompts, acc.device, self.weight_dtype, cfg.max_sequence_length)
+        family.free_text_encoders()
         gc.collect()
 
         self.transformer = pipe.transformer
-        self.lora_config = add_lora(self.transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
+        self.lora_config = family.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
         if cfg.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         from diffusers.training_utils import cast_training_params
@@ -169,7 +152,6 @@ class Trainer:
         if cfg.compile_sampler:
             # Rollouts only: the compiled module shares the transformer's parameters, the train step stays eager.
             pipe.transformer = torch.compile(self.transformer, backend=cfg.compile_backend)
-        self.pipe = pipe
         self.params = [p for p in self.transformer.parameters() if p.requires_grad]
 
         optimizer = optimizer_cls(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -212,7 +194,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoint hooks (LoRA only, not 2B weights)
     def _save_lora_hook(self, models, weights, output_dir):
         if self.accelerator.is_main_process:
-            export_lora(self.accelerator.unwrap_model(self.model), self.lora_config, output_dir)
+            self.family.export_lora(self.accelerator.unwrap_model(self.model), self.lora_config, output_dir)
         weights.clear()
 
     def _load_lora_hook(self, models, input_dir):
@@ -233,10 +215,9 @@ class Trainer:
     def _policy_rollouts(self, indices: list[int], generators=None) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         with self.accelerator.autocast():
-            x1 = sample_latents(self.pipe, self.cache, indices, num_inference_steps=cfg.num_inference_steps,
-                                guidance_scale=cfg.guidance_scale, resolution=cfg.resolution,
-                                batch_size=cfg.rollout_batch_size, generators=generators)
-            images = decode_latents(self.pipe, x1, cfg.rollout_batch_size)
+            x1 = self.family.sample(self.cache, indices, num_inference_steps=cfg.num_inference_steps,
+                                    resolution=cfg.resolution, batch_size=cfg.rollout_batch_size, generators=generators)
+            images = self.family.decode(x1, cfg.rollout_batch_size)
         return x1, images
 
     def _score(self, images: torch.Tensor, indices: list[int]) -> torch.Tensor:
@@ -250,15 +231,10 @@ class Trainer:
         pairs = [(i, s) for s in seeds for i in self.eval_indices]
         if not pairs:
             return torch.zeros(0), torch.zeros(0)
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        if not adapters:
-            unwrapped.disable_adapters()
-        try:
-            generators = [torch.Generator().manual_seed(s * 100_003 + i) for i, s in pairs]
+        generators = [torch.Generator().manual_seed(s * 100_003 + i) for i, s in pairs]
+        base = adapters_off(self.accelerator.unwrap_model(self.model))
+        with contextlib.nullcontext() if adapters else base:
             _, images = self._policy_rollouts([i for i, _ in pairs], generators)
-        finally:
-            if not adapters:
-                unwrapped.enable_adapters()
         return self._score(images, [i for i, _ in pairs]).cpu(), images
 
     def _save_samples(self, images: torch.Tensor, name: str) -> None:
@@ -348,14 +324,14 @@ class Trainer:
         units = units.repeat(draws, 1)
         total = plan.global_units * draws
         rows = units.flatten()
-        embeds, pooled = self.cache.select([local_prompt[i] for i in rows.tolist()], acc.device, self.weight_dtype)
+        cond = self.cache.select([local_prompt[i] for i in rows.tolist()], acc.device, self.weight_dtype)
         x1_rep = x1[rows]
         values = {k: v[rows] for k, v in plan.values.items()}
         n_draws = int(owner.max()) + 1
         noise = torch.randn((n_draws, *x1.shape[1:]), dtype=torch.float32).to(acc.device, x1.dtype)
         t = sample_times(n_draws, cfg.time_sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std).to(acc.device)
         noise, t = noise[owner].repeat_interleave(plan.unit, dim=0), t[owner].repeat_interleave(plan.unit)
-        reference = adapters_disabled(acc.unwrap_model(self.model)) if plan.needs_reference else None
+        reference = self.family.reference(acc.unwrap_model(self.model)) if plan.needs_reference else None
         self.model.train()
         sums = {}
         per_batch = max(1, cfg.train_batch_size // plan.unit)
@@ -365,8 +341,9 @@ class Trainer:
             # gradients are all-reduced once, on the last micro-batch
             sync = acc.no_sync(self.model) if k < len(starts) - 1 else contextlib.nullcontext()
             with sync, acc.autocast():
-                loss, parts = micro_batch_loss(self.method, self.model, reference, x1_rep[sl], noise[sl], t[sl],
-                                               embeds[sl], pooled[sl], {key: v[sl] for key, v in values.items()})
+                loss, parts = micro_batch_loss(self.method, self.family, self.model, reference, x1_rep[sl], noise[sl],
+                                               t[sl], {k: v[sl] for k, v in cond.items()},
+                                               {key: v[sl] for key, v in values.items()})
                 share = 0.0 if placeholder else x1_rep[sl].shape[0] // plan.unit * acc.num_processes / total
                 acc.backward(loss * share)
             for key, value in parts.items():
@@ -415,7 +392,7 @@ class Trainer:
         if not any(step == self.step for step, _ in list_checkpoints(self.checkpoints_dir)):
             save_checkpoint(acc, self.checkpoints_dir, self.step, cfg.checkpoints_total_limit, dataclasses.asdict(cfg))
         if acc.is_main_process:
-            export_lora(acc.unwrap_model(self.model), self.lora_config, self.output_dir)
+            self.family.export_lora(acc.unwrap_model(self.model), self.lora_config, self.output_dir)
         self._log(f"LoRA weights: {self.output_dir / 'pytorch_lora_weights.safetensors'}")
         if not check:
             acc.end_training()
@@ -423,11 +400,11 @@ class Trainer:
         after, images = self.heldout_rewards(adapters=True)
         # Paired over the same (prompt, seed) pairs, so seed noise cancels in the difference.
         diff = after - before
+        improvement, se = mean_and_se(diff)
         summary = {
             "steps": self.step, "heldout_samples": diff.numel(),
             "heldout_reward_before": before.mean().item(), "heldout_reward_after": after.mean().item(),
-            "heldout_improvement": diff.mean().item(),
-            "heldout_improvement_se": (diff.std() / diff.numel() ** 0.5).item() if diff.numel() > 1 else float("nan"),
+            "heldout_improvement": improvement, "heldout_improvement_se": float("nan") if se is None else se,
         }
         if acc.is_main_process:
             self._save_samples(images, "final")

@@ -11,23 +11,23 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_sd3_dir():
-    from adrpo_diffusion.models import TINY_SD3, resolve_model_path
+    from adrpo_diffusion.builtin import resolve_model
 
-    return resolve_model_path(TINY_SD3)
+    return resolve_model("builtin:tiny-sd3")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd3_shapes_dir():
     """The method lab's shapes base (pre-trained once per cache, about 4 minutes on 2 cores)."""
-    from adrpo_diffusion.models import TINY_SD3_SHAPES, resolve_model_path
+    from adrpo_diffusion.builtin import resolve_model
 
-    return resolve_model_path(TINY_SD3_SHAPES)
+    return resolve_model("builtin:tiny-sd3-shapes")
 
 
 @pytest.fixture
 def tiny_pipe(tiny_sd3_dir):
-    from adrpo_diffusion.models import load_sd3_pipeline
+    from adrpo_diffusion.families import load_family
 
-    pipe = load_sd3_pipeline(tiny_sd3_dir)
+    pipe = load_family(tiny_sd3_dir).pipe
     pipe.set_progress_bar_config(disable=True)
     return pipe

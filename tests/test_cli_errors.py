@@ -13,7 +13,7 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was validated")
 
-    monkeypatch.setattr(trainer, "load_sd3_pipeline", refuse)
+    monkeypatch.setattr(trainer, "load_family", refuse)
 
 
 def run_cli(argv, capsys):

@@ -12,7 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
-from adrpo_diffusion.checkpoint import LORA_WEIGHTS_NAME, export_lora
+from adrpo_diffusion.checkpoint import LORA_WEIGHTS_NAME
 from adrpo_diffusion.evaluation import generate
 from adrpo_diffusion.evaluation.aggregate import mean_and_se, summarize
 from adrpo_diffusion.evaluation.cli import evaluate_main
@@ -20,7 +20,8 @@ from adrpo_diffusion.evaluation.config import EvalConfigError, load_eval_config
 from adrpo_diffusion.evaluation.generate import LoraMismatchError, file_sha1, load_lora_checked
 from adrpo_diffusion.evaluation.score import _cache_key
 from adrpo_diffusion.evaluation.tables import marks, render_csv, render_latex, render_markdown
-from adrpo_diffusion.models import add_lora
+from adrpo_diffusion.families import add_lora
+from adrpo_diffusion.families.sd3 import SD3Family
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "eval_tiny_cpu.yaml"
@@ -152,7 +153,7 @@ def _export_random_lora(transformer, directory) -> Path:
     """A LoRA with random (non-zero) A and B at scale alpha / r = 8, so its effect on the images is clearly visible
     (about 22 of 255 levels on average on the tiny SD3; at scale 1 it is about 2, and version-dependent)."""
     torch.manual_seed(0)
-    export_lora(transformer, add_lora(transformer, rank=4, alpha=32.0, init_weights=False), directory)
+    SD3Family.export_lora(transformer, add_lora(transformer, 4, 32.0, SD3Family.lora_targets, init_weights=False), directory)
     return Path(directory)
 
 
@@ -257,8 +258,8 @@ def test_lora_rows_are_the_lora_pipelines_images(evaluated, tiny_lora):
     name = "0/mini/0000_0.png"
     record = generate.ImageRecord(name, "", "mini", 0, "A red colored car.", "Colors", 0, 0)
     for model in cfg.models:
-        pipe = generate.load_pipeline(model, torch.float32, "cpu")
-        fresh = np.asarray(generate.run_pipeline(pipe, model, cfg.resolution, [record])[0], dtype=float)
+        family = generate.load_model(model, torch.float32, "cpu")
+        fresh = np.asarray(generate.run_pipeline(family, model, cfg.resolution, [record])[0], dtype=float)
         saved = np.asarray(Image.open(out / "images" / model.name / name), dtype=float)
         np.testing.assert_allclose(saved, fresh, atol=1.0)  # PNG round trip; same seed, same pipeline
         if model.lora is None:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from adrpo_diffusion.lab.shapes import (
+from adrpo_diffusion.tasks.shapes import (
     SKILLS,
     CaptionError,
     Placed,
@@ -144,7 +144,7 @@ def test_components_and_prompt_checks(scorer):
 
 
 def test_pretraining_smoke_scale_learns_and_is_deterministic():
-    from adrpo_diffusion.lab.pretrain import build_untrained_pipeline, pretrain_transformer
+    from adrpo_diffusion.testing.shapes_base import build_untrained_pipeline, pretrain_transformer
 
     def run():
         pipe = build_untrained_pipeline(seed=0, vae_steps=3)
@@ -158,9 +158,9 @@ def test_pretraining_smoke_scale_learns_and_is_deterministic():
 
 
 def test_builtin_shapes_base_is_a_known_model():
-    from adrpo_diffusion.models import TINY_SD3_SHAPES, check_model_source
+    from adrpo_diffusion.families import check_model_source
 
-    check_model_source(TINY_SD3_SHAPES)
+    check_model_source("builtin:tiny-sd3-shapes")
     with pytest.raises(ValueError, match="builtin:tiny-sd3, builtin:tiny-sd3-shapes"):
         check_model_source("builtin:tiny-sd3-circles")
 

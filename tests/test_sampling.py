@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from adrpo_diffusion.sampling import image_grid
+from adrpo_diffusion.utils import image_grid
 from adrpo_diffusion.trainer import Trainer
 
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
-from adrpo_diffusion.evaluation.tiny import build_tiny_clip
+from adrpo_diffusion.testing.tiny_scorers import build_tiny_clip
 from adrpo_diffusion.scorers import build_scorer
 from adrpo_diffusion.scorers.diversity import clip_diversity
 

@@ -127,7 +127,8 @@ def test_dpo_from_the_command_line_resumes_exactly_and_its_lora_loads(tmp_path, 
 
     from adrpo_diffusion import cli
     from adrpo_diffusion.checkpoint import load_lora_into
-    from adrpo_diffusion.models import add_lora
+    from adrpo_diffusion.families import add_lora
+    from adrpo_diffusion.families.sd3 import SD3Family
 
     def run(name, *extra):
         argv = ["--config", "configs/tiny_cpu.yaml", "--method", "dpo", "--output_dir", str(tmp_path / name),
@@ -158,7 +159,7 @@ def test_dpo_from_the_command_line_resumes_exactly_and_its_lora_loads(tmp_path, 
         fresh.load_lora_weights(str(tmp_path / "full"))
         loaded = fresh.transformer(**inputs)[0]
         ours = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir, text_encoder_3=None, tokenizer_3=None).transformer
-        add_lora(ours, rank=8, alpha=16.0)
+        add_lora(ours, 8, 16.0, SD3Family.lora_targets)
         load_lora_into(ours, tmp_path / "full")
         expected = ours(**inputs)[0]
     assert not torch.equal(base, loaded)  # the adapter does something
@@ -255,9 +256,9 @@ def test_shared_noise_gives_each_prompt_group_one_draw(tmp_path, tiny_sd3_dir, m
     seen = []
     real = trainer_module.micro_batch_loss
 
-    def spy(method, model, reference, x1, noise, t, *rest):
+    def spy(method, family, model, reference, x1, noise, t, *rest):
         seen.append((noise.clone(), t.clone()))
-        return real(method, model, reference, x1, noise, t, *rest)
+        return real(method, family, model, reference, x1, noise, t, *rest)
 
     monkeypatch.setattr(trainer_module, "micro_batch_loss", spy)
     cfg = small_config(tmp_path / "run", max_steps=1, timesteps_per_sample=2, train_batch_size=64, eval_prompts=0,

@@ -13,23 +13,11 @@ per-prompt-set and per-category numbers, restricted to those prompts.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
+from ..utils import mean_and_se
 from .generate import ImageRecord
 from .score import Scores
-
-
-def mean_and_se(values) -> tuple[float, float | None]:
-    """Mean and standard error ``std(ddof=1) / sqrt(n)`` of per-seed means; SE is None for a single value."""
-    values = [float(v) for v in values]
-    if not values:
-        raise ValueError("mean_and_se needs at least one value")
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return mean, None
-    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, math.sqrt(variance / len(values))
 
 
 def summarize(values: dict, keep=lambda group: True) -> dict | None:

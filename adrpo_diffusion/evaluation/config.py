@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import re
 import types
 import typing
@@ -18,8 +17,9 @@ import yaml
 
 from ..checkpoint import LORA_WEIGHTS_NAME
 from ..prompts import PromptFileError, load_prompts
+from ..builtin import is_builtin, resolve_asset
 from ..scorers import available_scorers, check_scorer
-from .tiny import resolve_builtin_assets
+from ..utils import load_yaml_mapping, unknown_keys_message
 
 # Table 1 of the paper, in its column order.
 TABLE1_METRICS = ["clipscore", "clipdiversity", "aesthetic", "blipscore", "imagereward", "pickscore"]
@@ -50,10 +50,11 @@ class ModelSpec:
     """One row of the table: a base pipeline, optionally with a LoRA, and its sampling settings."""
 
     name: str = _required("Row label and directory name (letters, digits, . _ + -).")
-    base: str = _required("Hub id or local directory of a diffusers pipeline, or builtin:tiny-sd3.")
+    base: str = _required("Hub id or local directory of a diffusers pipeline of a supported family (SD3, FLUX.1, "
+                          "SANA), or builtin:tiny-sd3, builtin:tiny-flux, builtin:tiny-sana.")
     lora: str | None = _f(None, "Directory holding pytorch_lora_weights.safetensors (as adrpo-train writes).")
-    pipeline: str = _f("auto", "auto (DiffusionPipeline.from_pretrained picks the class) or a diffusers pipeline "
-                               "class name such as StableDiffusion3Pipeline, FluxPipeline, SanaPipeline.")
+    pipeline: str = _f("auto", "auto (the family is read from the pipeline's model_index.json) or a family's pipeline "
+                               "class: StableDiffusion3Pipeline, FluxPipeline, SanaPipeline.")
     num_inference_steps: int = _f(28, "Sampler steps.")
     guidance_scale: float = _f(7.0, "Guidance scale (classifier-free; FLUX.1-dev's is its distilled guidance).")
     call_kwargs: dict = field(default_factory=dict, metadata={
@@ -131,14 +132,6 @@ FIELDS = {f.name: f for f in dataclasses.fields(EvalConfig)}
 _TEXT_FIELDS = {n for n, t in typing.get_type_hints(EvalConfig).items() if t in (str, str | None)}
 
 
-def _unknown_keys(keys, valid, where: str) -> str:
-    lines = []
-    for key in keys:
-        close = difflib.get_close_matches(str(key), valid, n=1)
-        lines.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return f"Unknown key(s) in {where}: {', '.join(lines)}. Valid keys: {', '.join(valid)}"
-
-
 def _check_type(where: str, value, kind) -> list[str]:
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return []
@@ -155,7 +148,7 @@ def _typed(cls, values: dict, where: str, problems: list[str]):
         return None
     unknown = [k for k in values if k not in fields]
     if unknown:
-        problems.append(_unknown_keys(unknown, list(fields), where))
+        problems.append(unknown_keys_message(unknown, fields, where))
         return None
     hints = typing.get_type_hints(cls)
     before = len(problems)
@@ -179,16 +172,7 @@ def load_eval_config(path: str | Path | None = None, overrides: dict | None = No
     """Read a YAML file (if any), apply ``overrides`` on top, check keys and types, and validate."""
     values: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise EvalConfigError(f"Config file {path} does not exist.")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise EvalConfigError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(loaded, dict):
-            raise EvalConfigError(f"{path} must hold a mapping of config keys to values.")
-        values.update(loaded)
+        values.update(load_yaml_mapping(path, EvalConfigError))
     values.update(overrides or {})
     source = f"{path or 'no config file'}{', with command-line overrides' if overrides else ''}"
     header = f"Invalid evaluation config ({source}):\n  "
@@ -204,6 +188,21 @@ def load_eval_config(path: str | Path | None = None, overrides: dict | None = No
         raise EvalConfigError(header + "\n  ".join(problems))
     cfg.metric_options = resolve_builtin_assets(cfg.metric_options)
     return cfg
+
+
+def resolve_builtin_assets(metric_options: dict) -> dict:
+    """``metric_options`` with every ``builtin:<asset>/<path>`` value (e.g. ``builtin:tiny-scorers/clip``) replaced by
+    its path in the cache (built on first use)."""
+    resolved = {}
+    for metric, options in metric_options.items():
+        resolved[metric] = dict(options)
+        for key, value in options.items():
+            if is_builtin(value):
+                try:
+                    resolved[metric][key] = str(resolve_asset(value))
+                except (ValueError, FileNotFoundError) as err:
+                    raise FileNotFoundError(f"metric_options.{metric}.{key}: {err}") from None
+    return resolved
 
 
 def metric_scorer(metric: str, options: dict) -> tuple[str, dict]:
@@ -294,7 +293,7 @@ def _duplicates(names) -> list[str]:
 
 
 def _validate_models(models: list[ModelSpec]) -> list[str]:
-    from ..models import check_model_source
+    from ..families import FAMILIES, check_model_source
 
     problems = [] if models else ["models is empty: name at least one model (or score a folder with images_dir)"]
     for name in _duplicates(m.name for m in models):
@@ -304,9 +303,10 @@ def _validate_models(models: list[ModelSpec]) -> list[str]:
             problems.append(f"Model name {model.name!r} must be letters, digits, . _ + - (it is a directory name)")
         if model.num_inference_steps < 1:
             problems.append(f"model {model.name!r}: num_inference_steps must be >= 1")
-        if model.pipeline != "auto" and not _is_pipeline_class(model.pipeline):
-            problems.append(f"model {model.name!r}: pipeline {model.pipeline!r} is not a diffusers pipeline class; "
-                            "use auto or a class name such as StableDiffusion3Pipeline, FluxPipeline, SanaPipeline")
+        classes = [cls.pipeline_class for cls in FAMILIES.values()]
+        if model.pipeline != "auto" and model.pipeline not in classes:
+            problems.append(f"model {model.name!r}: pipeline {model.pipeline!r} is not a supported family's pipeline "
+                            f"class; use auto or one of {', '.join(classes)}")
         try:
             check_model_source(model.base, option=f"models[{model.name}].base:")
         except (FileNotFoundError, ValueError) as err:
@@ -318,16 +318,6 @@ def _validate_models(models: list[ModelSpec]) -> list[str]:
                 f"outputs/tiny-cpu); train first, or point lora at such a directory."
             )
     return problems
-
-
-def _is_pipeline_class(name: str) -> bool:
-    import diffusers
-
-    try:
-        cls = getattr(diffusers, name)
-    except (AttributeError, ImportError):
-        return False
-    return isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)
 
 
 def load_prompt_set(prompt_set: PromptSet, max_prompts: int | None = None) -> list[PromptEntry]:
@@ -369,7 +359,7 @@ def eval_config_from_args(argv=None) -> EvalConfig:
     args, unknown = build_arg_parser().parse_known_args(argv)
     if unknown:
         flags = [a.lstrip("-").split("=")[0] for a in unknown if a.startswith("--")]
-        raise EvalConfigError(_unknown_keys(flags or unknown, list(FIELDS), "the command line"))
+        raise EvalConfigError(unknown_keys_message(flags or unknown, FIELDS, "the command line"))
     overrides = {}
     for name, raw in vars(args).items():
         if name != "config":

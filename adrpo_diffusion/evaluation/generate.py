@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import LORA_WEIGHTS_NAME
+from ..utils import file_sha1, write_atomic
 from .config import EvalConfig, ModelSpec, PromptEntry
 
 
@@ -54,14 +54,6 @@ def image_seed(seed: int, prompt_index: int, k: int) -> int:
     return int(np.random.SeedSequence([seed, prompt_index, k]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def file_sha1(path: str | os.PathLike) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_settings(model: ModelSpec, cfg: EvalConfig) -> dict:
     """Everything that decides a model's images; an image made with other settings is generated again. The LoRA
     is identified by its file's hash (not its path), so retraining into the same directory counts as a change."""
@@ -70,13 +62,6 @@ def model_settings(model: ModelSpec, cfg: EvalConfig) -> dict:
     settings["resolution"] = cfg.resolution
     settings["dtype"] = str(cfg.resolved_dtype()).removeprefix("torch.")
     return settings
-
-
-def write_atomic(path: Path, write) -> None:
-    """``write(tmp)`` into a temporary file beside ``path``, then one rename: never a half-written file."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 class _OncePerCause(logging.Filter):
@@ -114,15 +99,14 @@ def warnings_once():
             handler.removeFilter(once)
 
 
-def load_pipeline(model: ModelSpec, dtype: torch.dtype, device: str):
-    """The model's diffusers pipeline on ``device``, with its LoRA loaded and checked."""
-    import diffusers
+def load_model(model: ModelSpec, dtype: torch.dtype, device: str):
+    """The model's family (:func:`adrpo_diffusion.families.load_family`) on ``device``, with its LoRA loaded and
+    checked."""
+    from ..families import load_family
 
-    from ..models import absent_components, resolve_model_path
-
-    path = resolve_model_path(model.base)
-    cls = diffusers.DiffusionPipeline if model.pipeline == "auto" else getattr(diffusers, model.pipeline)
-    pipe = cls.from_pretrained(path, dtype=dtype, **{**absent_components(path), **model.load_kwargs})
+    family = load_family(model.base, dtype, guidance_scale=model.guidance_scale, pipeline=model.pipeline,
+                         load_kwargs=model.load_kwargs)
+    pipe = family.pipe
     if model.lora is not None:
         load_lora_checked(pipe, model.lora, model.base)
     if model.cpu_offload:
@@ -130,7 +114,7 @@ def load_pipeline(model: ModelSpec, dtype: torch.dtype, device: str):
     else:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return family
 
 
 def load_lora_checked(pipe, directory: str, base: str, adapter_name: str = "evaluated") -> None:
@@ -192,27 +176,25 @@ def generate_images(cfg: EvalConfig, prompts: list[PromptEntry], root: Path) -> 
         print(f"[{model.name}] {len(planned) - len(todo)} of {len(planned)} images already generated")
         if not todo:
             continue
-        pipe = load_pipeline(model, dtype, device)
+        family = load_model(model, dtype, device)
         try:
             for start in tqdm(range(0, len(todo), cfg.batch_size), desc=f"generate {model.name}", unit="batch"):
                 batch = todo[start : start + cfg.batch_size]
-                images = run_pipeline(pipe, model, cfg.resolution, batch)
+                images = run_pipeline(family, model, cfg.resolution, batch)
                 for record, image in zip(batch, images):
                     _save(root, record, image, settings)
         finally:
-            del pipe
+            del family
             free_memory()
     return records
 
 
-def run_pipeline(pipe, model: ModelSpec, resolution: int, batch: list[ImageRecord]) -> list:
-    """One pipeline call for a batch of images, each with its own seeded generator (PIL images out)."""
+def run_pipeline(family, model: ModelSpec, resolution: int, batch: list[ImageRecord]) -> list:
+    """One pipeline call of the model's family for a batch of images, each with its own seeded generator (PIL images
+    out)."""
     generators = [torch.Generator("cpu").manual_seed(image_seed(r.seed, r.prompt_index, r.k)) for r in batch]
-    with torch.no_grad():
-        out = pipe(prompt=[r.prompt for r in batch], num_inference_steps=model.num_inference_steps,
-                   guidance_scale=model.guidance_scale, height=resolution, width=resolution, generator=generators,
-                   output_type="pil", **model.call_kwargs)
-    return out.images
+    return family.generate([r.prompt for r in batch], num_inference_steps=model.num_inference_steps,
+                           resolution=resolution, generators=generators, **model.call_kwargs)
 
 
 def _save(root: Path, record: ImageRecord, image, settings: dict) -> None:

@@ -181,27 +181,23 @@ class HeldoutProbe:
         self.w2_inputs = self.base_rewards = None
 
     def _generate(self, trainer) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..sampling import decode_latents, sample_latents
-
         cfg = trainer.cfg
         generators = [torch.Generator().manual_seed(s) for s in self.seeds]
-        x1 = sample_latents(trainer.pipe, trainer.cache, [i for i, _ in self.pairs],
-                            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                            resolution=cfg.resolution, batch_size=cfg.rollout_batch_size, generators=generators)
-        return x1, decode_latents(trainer.pipe, x1, cfg.rollout_batch_size)
+        x1 = trainer.family.sample(trainer.cache, [i for i, _ in self.pairs], num_inference_steps=cfg.num_inference_steps,
+                                   resolution=cfg.resolution, batch_size=cfg.rollout_batch_size, generators=generators)
+        return x1, trainer.family.decode(x1, cfg.rollout_batch_size)
 
     def _w2_divergence(self, trainer) -> float:
-        from ..losses import flow_matching_pair, per_sample_mse
-        from ..trainer import adapters_disabled
+        from ..losses import per_sample_mse
 
         x1, noise, t, rows = self.w2_inputs
-        embeds, pooled = trainer.cache.select(rows, x1.device, x1.dtype)
-        x_sigma, timestep, _ = flow_matching_pair(x1, noise, t)
-        inputs = dict(hidden_states=x_sigma, timestep=timestep, encoder_hidden_states=embeds,
-                      pooled_projections=pooled, return_dict=False)
+        family = trainer.family
+        cond = trainer.cache.select(rows, x1.device, x1.dtype)
+        x_sigma, timestep, _ = family.flow_matching_pair(x1, noise, t)
         model = trainer.accelerator.unwrap_model(trainer.model)
         with torch.no_grad():
-            return per_sample_mse(model(**inputs)[0], adapters_disabled(model)(**inputs)[0]).mean().item()
+            v_theta = family.velocity(model, x_sigma, timestep, cond)
+            return per_sample_mse(v_theta, family.reference(model)(x_sigma, timestep, cond)).mean().item()
 
     def _record(self, trainer, images: torch.Tensor) -> dict:
         prompts = [trainer.prompts[i] for i, _ in self.pairs]
@@ -230,13 +226,11 @@ class HeldoutProbe:
     def measure_base(self, trainer) -> tuple[dict, torch.Tensor]:
         """The base model's record (adapters off) and its held-out images; fixes the W2 inputs and the rewards
         that later gains are paired with."""
+        from ..families import adapters_off
+
         self.base_rewards = None
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        model.disable_adapters()
-        try:
+        with adapters_off(trainer.accelerator.unwrap_model(trainer.model)):
             x1, images = self._generate(trainer)
-        finally:
-            model.enable_adapters()
         repeats = len(self.TIMES)
         noise = torch.randn(x1.shape[0] * repeats, *x1.shape[1:], generator=torch.Generator().manual_seed(0))
         self.w2_inputs = (x1.repeat_interleave(repeats, dim=0), noise.to(x1.device, x1.dtype),
@@ -364,7 +358,7 @@ def _train_and_track(settings: LabSettings, run: LabRun, lr: float, seed: int, o
 
 def data_images(prompts: list[str], per_prompt: int, seed: int = 0) -> torch.Tensor:
     """``per_prompt`` images of the training data for every prompt (the generator's, for comparison)."""
-    from .shapes import draw_caption
+    from ..tasks.shapes import draw_caption
 
     generator = torch.Generator().manual_seed(seed)
     return torch.stack([draw_caption(prompt, generator) for prompt in prompts for _ in range(per_prompt)])
@@ -372,7 +366,7 @@ def data_images(prompts: list[str], per_prompt: int, seed: int = 0) -> torch.Ten
 
 def _save_grid(images: torch.Tensor, prompts: list[str], path: Path) -> None:
     """A PNG grid of images in [0, 1] grouped by prompt: one row per prompt, labelled with it."""
-    from ..sampling import image_grid
+    from ..utils import image_grid
 
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, cols=len(images) // len(prompts), labels=prompts).save(path)

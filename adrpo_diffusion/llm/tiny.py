@@ -13,7 +13,7 @@ import itertools
 import random
 from pathlib import Path
 
-from ..models import cache_dir
+from ..utils import cache_dir
 
 TINY_LM = "builtin:tiny-char-lm"
 FIRST_LETTER = "builtin:first-letter"

@@ -1,4 +1,4 @@
-"""``shapes``: a programmatic reward for the coloured-shapes captions of :mod:`adrpo_diffusion.lab.shapes`,
+"""``shapes``: a programmatic reward for the coloured-shapes captions of :mod:`adrpo_diffusion.tasks.shapes`,
 computed from pixels, in ``[0, 1]``. It dispatches on the caption's structure (its parsed ``Scene``).
 
 Pixels. With ``d_k(p)`` the RGB Euclidean distance of pixel ``p`` to reference colour ``k`` (a palette colour
@@ -34,7 +34,7 @@ import math
 import numpy as np
 import torch
 
-from ..lab.shapes import BACKGROUND, COLOURS, POSITION_LIMIT, SHAPES, SKILLS, CaptionError, parse_caption
+from ..tasks.shapes import BACKGROUND, COLOURS, POSITION_LIMIT, SHAPES, SKILLS, CaptionError, parse_caption
 from . import register_scorer
 from .base import Scorer, to_image_tensor
 

@@ -9,8 +9,8 @@
     blip/ImageReward.pt     ImageReward in its original key layout (ViT 64 wide, 1 head, 32 px, patch 8)
     blip/model_large.pth    BLIP in the layout of BLIP's model_large.pth (for BLIPScore)
 
-A scorer option ``builtin:tiny-scorers/<path>`` resolves to ``<ADRPO cache>/tiny-scorers/<path>``; the assets are
-built there on first use (about a second). Scores from random weights carry no meaning: they test the plumbing.
+A scorer option ``builtin:tiny-scorers/<path>`` resolves to ``<ADRPO cache>/tiny-scorers/<path>``
+(:mod:`adrpo_diffusion.builtin`); the assets are built there on first use (about a second). Scores from random weights carry no meaning: they test the plumbing.
 """
 
 from __future__ import annotations
@@ -19,16 +19,12 @@ import json
 import math
 import os
 import re
-import shutil
 import string
-import tempfile
 from pathlib import Path
 
 import torch
 
-from ..models import cache_dir
-
-TINY_SCORERS_PREFIX = "builtin:tiny-scorers/"
+from .tiny_pipelines import char_tokenizer
 
 # transformers BlipVisionModel names -> original BLIP ViT names (the inverse of the scorer's loading renames).
 _VISION_ORIGINAL = [
@@ -50,10 +46,8 @@ def build_tiny_clip(target: str | os.PathLike, seed: int = 0, logit_scale: float
     tokenizer, no download), saved with ``save_pretrained``. ``logit_scale`` overrides CLIP's initial log(1/0.07)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from ..models import _char_tokenizer
-
     torch.manual_seed(seed)
-    tokenizer = _char_tokenizer()
+    tokenizer = char_tokenizer()
     tower = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
     config = CLIPConfig(
         text_config=dict(tower, vocab_size=len(tokenizer), max_position_embeddings=77,
@@ -120,60 +114,27 @@ def _blip_state(med_config: Path, cross_attention: bool, seed: int) -> dict:
     return state
 
 
-def build_tiny_scorer_assets(target: str | os.PathLike) -> Path:
-    """Write every tiny scorer asset (see the module docstring) into ``target``: built in a temporary directory and
-    renamed, so an interrupted build never leaves half the files behind."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        build_tiny_clip(tmp / "clip", seed=0)
-        build_tiny_clip(tmp / "pickscore", seed=1, logit_scale=math.log(100.0))
-        torch.save(_aesthetic_head(seed=2), tmp / "aesthetic.pth")
+def build_tiny_scorer_assets(directory: str | os.PathLike) -> Path:
+    """Write every tiny scorer asset (see the module docstring) into ``directory`` (fixed seeds; the global torch RNG
+    is left as it was)."""
+    root = Path(directory)
+    with torch.random.fork_rng(devices=[]):
+        build_tiny_clip(root / "clip", seed=0)
+        build_tiny_clip(root / "pickscore", seed=1, logit_scale=math.log(100.0))
+        torch.save(_aesthetic_head(seed=2), root / "aesthetic.pth")
 
-        med_config = _write_blip_text_files(tmp / "blip")
+        med_config = _write_blip_text_files(root / "blip")
         reward = {"blip." + k: v for k, v in _blip_state(med_config, cross_attention=True, seed=3).items()}
         generator = torch.Generator().manual_seed(4)
         widths = [_TEXT_WIDTH, 16, 8, 8, 4, 1]
         for index, inputs, outputs in zip((0, 2, 4, 6, 7), widths, widths[1:]):
             reward[f"mlp.layers.{index}.weight"] = torch.randn(outputs, inputs, generator=generator) / math.sqrt(inputs)
             reward[f"mlp.layers.{index}.bias"] = torch.randn(outputs, generator=generator)
-        torch.save(reward, tmp / "blip" / "ImageReward.pt")
+        torch.save(reward, root / "blip" / "ImageReward.pt")
 
         blip = _blip_state(med_config, cross_attention=False, seed=5)
         for name, width in (("vision_proj", _VISION_WIDTH), ("text_proj", _TEXT_WIDTH)):
             blip[f"{name}.weight"] = torch.randn(_PROJECTION, width, generator=generator) / math.sqrt(width)
             blip[f"{name}.bias"] = torch.zeros(_PROJECTION)
-        torch.save({"model": blip}, tmp / "blip" / "model_large.pth")
-
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def tiny_scorer_assets() -> Path:
-    """The tiny scorer assets' directory in the ADRPO cache, built on first use."""
-    target = cache_dir() / "tiny-scorers"
-    if not target.is_dir():  # renamed into place whole: present means complete
-        build_tiny_scorer_assets(target)
-    return target
-
-
-def resolve_builtin_assets(metric_options: dict) -> dict:
-    """``metric_options`` with every ``builtin:tiny-scorers/<path>`` value replaced by its path in the cache."""
-    resolved = {}
-    for metric, options in metric_options.items():
-        resolved[metric] = dict(options)
-        for key, value in options.items():
-            if isinstance(value, str) and value.startswith(TINY_SCORERS_PREFIX):
-                root = tiny_scorer_assets()
-                path = root / value.removeprefix(TINY_SCORERS_PREFIX)
-                if not path.exists():
-                    available = sorted(str(p.relative_to(root)) for p in [*root.iterdir(), *(root / "blip").iterdir()])
-                    raise FileNotFoundError(f"metric_options.{metric}.{key}: {value!r} is not a tiny scorer asset; "
-                                            f"available: {', '.join(available)}")
-                resolved[metric][key] = str(path)
-    return resolved
+        torch.save({"model": blip}, root / "blip" / "model_large.pth")
+    return root

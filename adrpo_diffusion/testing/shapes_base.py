@@ -12,7 +12,7 @@ The same diffusers classes and tiny architecture family as ``builtin:tiny-sd3`` 
        min E_{(x1, c), x0 ~ N(0, I), t ~ U(0, 1)} || v_theta(x_sigma, 1000 sigma, c) - (x0 - x1) ||^2,
        x_sigma = (1 - sigma) x1 + sigma x0, sigma = 1 - t
 
-   exactly the convention of the RL trainer (:func:`adrpo_diffusion.losses.flow_matching_pair`), with AdamW
+   exactly the convention of the RL trainer (the SD3 family's flow-matching pair and velocity), with AdamW
    and a cosine learning rate.
 
 The tokenizer's length is ``TOKENIZER_LENGTH`` (every caption of the grammar fits in 32 characters with its
@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from .shapes import all_captions, sample_batch
+from ..tasks.shapes import all_captions, sample_batch
+from .tiny_pipelines import fit_tiny_vae, tiny_sd3_pipeline
 
 TRANSFORMER_CONFIG = dict(
     sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=16,
@@ -57,13 +58,12 @@ def shapes_batch(n: int, generator: torch.Generator) -> torch.Tensor:
 def build_untrained_pipeline(seed: int = 0, vae_steps: int = VAE_STEPS):
     """The pipeline with seeded random weights, the transformer untrained and the VAE fitted to shapes images as
     a deterministic auto-encoder with a small KL term (decoding the posterior mean: a posterior sample blurs the
-    sharp edges within this few steps)."""
-    from ..models import fit_tiny_vae, tiny_sd3_pipeline
-
+    sharp edges within this few steps). The global torch RNG is left as it was."""
     def fit_vae(vae):
         fit_tiny_vae(vae, shapes_batch, steps=vae_steps, seed=seed, decode_mean=True)
 
-    return tiny_sd3_pipeline(TRANSFORMER_CONFIG, fit_vae, seed, tokenizer_length=TOKENIZER_LENGTH)
+    with torch.random.fork_rng(devices=[]):
+        return tiny_sd3_pipeline(TRANSFORMER_CONFIG, fit_vae, seed, tokenizer_length=TOKENIZER_LENGTH)
 
 
 @torch.no_grad()
@@ -83,13 +83,13 @@ def pretrain_transformer(pipe, steps: int = PRETRAIN_STEPS, batch_size: int = BA
                          learning_rate: float = LEARNING_RATE, seed: int = 0, log_every: int = 0) -> list[float]:
     """Flow-matching pre-training of ``pipe.transformer`` on shapes (module docstring); returns the loss of every
     step. The VAE and the text encoders stay frozen."""
-    from ..losses import flow_matching_pair
-    from ..sampling import encode_prompts
+    from ..families.sd3 import SD3Family
 
+    family = SD3Family(pipe)
     generator = torch.Generator().manual_seed(seed)
     bank, bank_captions = latent_bank(pipe, bank_size, generator)
     captions = all_captions()
-    cache = encode_prompts(pipe, captions, "cpu", torch.float32, MAX_SEQUENCE_LENGTH)
+    cache = family.encode_prompts(captions, "cpu", torch.float32, MAX_SEQUENCE_LENGTH)
     caption_index = torch.tensor([captions.index(c) for c in bank_captions])
     transformer = pipe.transformer
     transformer.train()
@@ -102,10 +102,8 @@ def pretrain_transformer(pipe, steps: int = PRETRAIN_STEPS, batch_size: int = BA
         x1 = bank[rows]
         noise = torch.randn(x1.shape, generator=generator)
         t = torch.rand(batch_size, generator=generator)
-        x_sigma, timestep, target = flow_matching_pair(x1, noise, t)
-        embeds, pooled = cache.select(caption_index[rows].tolist(), "cpu", torch.float32)
-        v = transformer(hidden_states=x_sigma, timestep=timestep, encoder_hidden_states=embeds,
-                        pooled_projections=pooled, return_dict=False)[0]
+        x_sigma, timestep, target = family.flow_matching_pair(x1, noise, t)
+        v = family.velocity(transformer, x_sigma, timestep, cache.select(caption_index[rows].tolist(), "cpu", torch.float32))
         loss = (v - target).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -122,11 +120,12 @@ def pretrain_transformer(pipe, steps: int = PRETRAIN_STEPS, batch_size: int = BA
     return losses
 
 
-def build_tiny_sd3_shapes(target: str | os.PathLike, seed: int = 0, steps: int = PRETRAIN_STEPS,
+def build_tiny_sd3_shapes(directory: str | os.PathLike, seed: int = 0, steps: int = PRETRAIN_STEPS,
                           vae_steps: int = VAE_STEPS) -> Path:
-    """Build, pre-train and save ``builtin:tiny-sd3-shapes`` to ``target`` (atomically)."""
-    from ..models import save_pipeline_atomically
-
+    """Build, pre-train and save ``builtin:tiny-sd3-shapes`` into ``directory`` (:mod:`adrpo_diffusion.builtin` says
+    what it builds and renames the directory into place)."""
     pipe = build_untrained_pipeline(seed, vae_steps)
-    pretrain_transformer(pipe, steps=steps, seed=seed, log_every=max(1, steps // 6))
-    return save_pipeline_atomically(pipe, target)
+    with torch.random.fork_rng(devices=[]):
+        pretrain_transformer(pipe, steps=steps, seed=seed, log_every=max(1, steps // 6))
+    pipe.save_pretrained(directory)
+    return Path(directory)

@@ -1,0 +1,77 @@
+"""The registry of ``builtin:`` names: tiny offline models and assets, built once into the cache.
+
+Product code reaches the test models of :mod:`adrpo_diffusion.testing` only through these names (the builders are
+imported by their dotted path when a name is first resolved). A builder fills an empty directory; it is written
+under a temporary name and renamed, so a cached entry is always complete.
+
+    builtin:tiny-sd3          a tiny SD3 pipeline (VAE fitted to coloured blocks)
+    builtin:tiny-sd3-shapes   the method lab's tiny SD3, pre-trained on coloured shapes
+    builtin:tiny-flux         a tiny FLUX.1-dev-style pipeline (guidance-distilled transformer, packed latents)
+    builtin:tiny-sana         a tiny SANA pipeline (DC-AE, Gemma-2 text encoder)
+    builtin:tiny-scorers/<path>   a tiny random asset of the evaluation scorers (CLIP, PickScore, BLIP, ...)
+
+The tiny SD3 models have no T5 encoder, so loading their directory directly needs the two absent components passed
+as None, as for SD3 without T5 (the SD3 family does this itself)::
+
+    StableDiffusion3Pipeline.from_pretrained(resolve_model("builtin:tiny-sd3"), text_encoder_3=None, tokenizer_3=None)
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from .utils import cache_dir, replace_directory
+
+PREFIX = "builtin:"
+MODELS = {  # name -> (builder, how long a build takes on a CPU)
+    "tiny-sd3": ("adrpo_diffusion.testing.tiny_pipelines:build_tiny_sd3", "about 10 s"),
+    "tiny-sd3-shapes": ("adrpo_diffusion.testing.shapes_base:build_tiny_sd3_shapes", "about 4 minutes"),
+    "tiny-flux": ("adrpo_diffusion.testing.tiny_pipelines:build_tiny_flux", "about 20 s"),
+    "tiny-sana": ("adrpo_diffusion.testing.tiny_pipelines:build_tiny_sana", "about 10 s"),
+}
+ASSETS = {"tiny-scorers": ("adrpo_diffusion.testing.tiny_scorers:build_tiny_scorer_assets", "about a second")}
+
+
+def model_names() -> list[str]:
+    return [PREFIX + name for name in MODELS]
+
+
+def is_builtin(name: str) -> bool:
+    return isinstance(name, str) and name.startswith(PREFIX)
+
+
+def _build(name: str, builder: tuple[str, str]) -> Path:
+    """The cached directory of ``name``, built once. A build leaves the global torch RNG as it found it (the builders
+    draw inside ``torch.random.fork_rng``): a run seeded before its model loads draws the same numbers either way."""
+    target = cache_dir() / name
+    if not target.is_dir():  # renamed into place whole: present means complete
+        (module, function), duration = builder[0].split(":"), builder[1]
+        print(f"[adrpo] building {PREFIX}{name} once into {target} ({duration} on a CPU; later runs load it from there)",
+              flush=True)
+        replace_directory(target, getattr(importlib.import_module(module), function))
+    return target
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A ``builtin:`` model name -> its directory in the cache (built on first use); anything else unchanged."""
+    if not is_builtin(name_or_path):
+        return name_or_path
+    name = name_or_path.removeprefix(PREFIX)
+    if name not in MODELS:
+        raise ValueError(f"Unknown built-in model {name_or_path!r}; the built-in models are {', '.join(model_names())}.")
+    return str(_build(name, MODELS[name]))
+
+
+def resolve_asset(value: str) -> Path:
+    """``builtin:<asset>/<path>`` -> that file or directory of the asset in the cache (built on first use)."""
+    asset, _, sub = value.removeprefix(PREFIX).partition("/")
+    if asset not in ASSETS:
+        raise ValueError(f"Unknown built-in asset {value!r}; the built-in assets are "
+                         f"{', '.join(PREFIX + a + '/...' for a in ASSETS)}.")
+    root = _build(asset, ASSETS[asset])
+    path = root / sub
+    if not sub or not path.exists():
+        available = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+        raise FileNotFoundError(f"{value!r} is not a file of {PREFIX}{asset}; available: {', '.join(available)}")
+    return path

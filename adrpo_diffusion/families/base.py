@@ -1,0 +1,251 @@
+"""What every model family provides, and the parts they share.
+
+A :class:`ModelFamily` wraps one loaded diffusers pipeline and owns everything that depends on the family: the
+prompt encoding (:class:`PromptCache`), rollouts to final latents with the family's guidance, decoding, the
+velocity call and the flow-matching pair in the family's time/sign and latent convention, the reference pass
+with the adapters off (:func:`adapters_off`), and LoRA export in the family's diffusers format. Nothing outside
+``families/`` knows a transformer's call signature.
+
+Latents. Every method takes and returns latents as ``(N, C, h, w)`` tensors in the family's latent space (the VAE
+latent scaled, and shifted where the family shifts): what the pipeline returns with ``output_type="latent"``,
+unpacked where the family packs (FLUX). Packing, position ids and masks happen inside :meth:`ModelFamily.velocity`.
+
+Time and sign. All three families follow rectified flow in diffusers' convention: with the paper's ``t`` (``t = 1``
+data), ``sigma = 1 - t``, the transformer input ``x_sigma = (1 - sigma) x1 + sigma x0`` and the target
+``x0 - x1 = -u_t`` (:func:`adrpo_diffusion.losses.flow_matching_pair`). They differ in the timestep the
+transformer is given (:meth:`ModelFamily.timestep`), stated in each family's docstring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from ..losses import flow_matching_pair
+
+
+@contextlib.contextmanager
+def adapters_off(transformer):
+    """The base model: ``transformer`` (unwrapped, carrying LoRA) with its adapters switched off for the duration
+    (no second copy of the weights), on again afterwards whatever happens."""
+    transformer.disable_adapters()
+    try:
+        yield transformer
+    finally:
+        transformer.enable_adapters()
+
+
+@dataclass
+class PromptCache:
+    """Every prompt encoded once (kept on the CPU), plus the empty prompt (for classifier-free guidance): named
+    tensors with one row per prompt; which names depends on the family (e.g. SD3: ``embeds``, ``pooled``)."""
+
+    tensors: dict[str, torch.Tensor]
+    negative: dict[str, torch.Tensor]  # the same names, one row
+
+    def select(self, indices: list[int], device, dtype) -> dict[str, torch.Tensor]:
+        """The rows of ``indices``; floating tensors in ``dtype`` (masks keep theirs)."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return {k: _to(v[index], device, dtype) for k, v in self.tensors.items()}
+
+    def negatives(self, n: int, device, dtype) -> dict[str, torch.Tensor]:
+        """The empty prompt's tensors repeated ``n`` times (a broadcast view)."""
+        return {k: _to(v, device, dtype).expand(n, *v.shape[1:]) for k, v in self.negative.items()}
+
+
+def _to(tensor: torch.Tensor, device, dtype) -> torch.Tensor:
+    return tensor.to(device, dtype) if tensor.is_floating_point() else tensor.to(device)
+
+
+def absent_components(path: str) -> dict:
+    """Components a local pipeline was saved without (``[null, null]`` in its model_index.json, e.g. the tiny
+    SD3's T5): ``from_pretrained`` needs them passed as None explicitly."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return {}
+    return {name: None for name, value in json.loads(index.read_text()).items()
+            if isinstance(value, list) and value[0] is None}
+
+
+def add_lora(transformer, rank: int, alpha: float, target_modules, init_weights=True):
+    """Attach a LoRA adapter in place (diffusers' ``add_adapter``, no PeftModel wrapper) and return its config."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=init_weights)
+    transformer.add_adapter(config)
+    return config
+
+
+def lora_metadata(config) -> dict:
+    """The LoraConfig as the plain dict diffusers stores next to the weights (so alpha loads correctly)."""
+    meta = config.to_dict()
+    meta["target_modules"] = sorted(meta["target_modules"])  # a set in PEFT; JSON needs a list
+    return json.loads(json.dumps(meta, default=str))
+
+
+class ModelFamily:
+    """One family's conventions around a loaded pipeline (``self.pipe``). Subclasses set the class attributes and
+    implement :meth:`_encode`, :meth:`_rollout`, :meth:`timestep` and :meth:`velocity`; the rest is shared.
+
+    ``guidance_scale`` is the family's guidance of the rollouts and of the velocity: SD3 and SANA use it as true
+    classifier-free guidance in the rollouts (1 disables it) and train the conditional velocity; guidance-distilled
+    FLUX.1-dev feeds it to the transformer's guidance embedding in the rollouts AND in the loss (the policy is the
+    velocity at that guidance); FLUX.1-schnell has no guidance.
+    """
+
+    name: ClassVar[str]
+    pipeline_class: ClassVar[str]  # the diffusers pipeline class; also the one detected from model_index.json
+    text_encoders: ClassVar[tuple[str, ...]]  # pipeline components freed once the prompts are cached
+    lora_targets: ClassVar[tuple[str, ...]]  # default LoRA target modules of the transformer
+    options: ClassVar[dict[str, str]] = {}  # family-specific load options and their help
+
+    def __init__(self, pipe, guidance_scale: float = 1.0):
+        self.pipe = pipe
+        self.guidance_scale = float(guidance_scale)
+        self.config = pipe.transformer.config  # read here: the transformer may later be compiled or wrapped
+
+    # ---------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def pipeline_cls(cls):
+        import diffusers
+
+        return getattr(diffusers, cls.pipeline_class)
+
+    @classmethod
+    def load(cls, path: str, dtype: torch.dtype = torch.float32, guidance_scale: float = 1.0, load_kwargs=None,
+             **options) -> ModelFamily:
+        """The family around ``pipeline_class.from_pretrained(path)``; ``options``: the family's own (see
+        :attr:`options`), ``load_kwargs``: extra keyword arguments of ``from_pretrained``."""
+        unknown = sorted(k for k, v in options.items() if k not in cls.options and v)
+        if unknown:
+            valid = ", ".join(cls.options) or "none"
+            raise ValueError(f"{', '.join(unknown)}: not an option of the {cls.name} family (its options: {valid}).")
+        kwargs = {**absent_components(path), **cls.load_options(**options), **(load_kwargs or {})}
+        return cls(cls.pipeline_cls().from_pretrained(path, dtype=dtype, **kwargs), guidance_scale)
+
+    @classmethod
+    def load_options(cls, **options) -> dict:
+        """``from_pretrained`` keyword arguments for the family's options."""
+        return {}
+
+    def modules(self) -> list[torch.nn.Module]:
+        """Every model of the pipeline (transformer, VAE, text encoders still loaded)."""
+        return [m for m in self.pipe.components.values() if isinstance(m, torch.nn.Module)]
+
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+    def add_lora(self, rank: int, alpha: float, target_modules=None, init_weights=True):
+        """:func:`add_lora` on this family's transformer; ``target_modules`` defaults to :attr:`lora_targets`."""
+        return add_lora(self.transformer, rank, alpha, target_modules or self.lora_targets, init_weights)
+
+    # ---------------------------------------------------------------------------------------------- prompts
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], device, dtype, max_sequence_length: int,
+                       batch_size: int = 32) -> PromptCache:
+        """Every prompt and the empty prompt encoded once, on the CPU in ``dtype``."""
+
+        def encode(batch, negative=False):
+            tensors = self._encode(batch, device, max_sequence_length, negative=negative)
+            return {k: _to(v, "cpu", dtype) for k, v in tensors.items()}
+
+        parts = [encode(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+        return PromptCache({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, encode([""], negative=True))
+
+    def _encode(self, prompts: list[str], device, max_sequence_length: int, negative: bool = False) -> dict:
+        """The prompt tensors of ``prompts`` (``negative``: ``[""]``, the empty negative prompt)."""
+        raise NotImplementedError
+
+    def free_text_encoders(self) -> None:
+        """Drop the text encoders once every prompt is cached: the rollouts only need the transformer and VAE."""
+        for name in self.text_encoders:
+            if getattr(self.pipe, name, None) is not None:
+                setattr(self.pipe, name, None)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ---------------------------------------------------------------------------------------------- rollouts
+    @torch.no_grad()
+    def sample(self, cache: PromptCache, prompt_indices: list[int], *, num_inference_steps: int, resolution: int,
+               batch_size: int, generators=None) -> torch.Tensor:
+        """ODE rollouts of the transformer as it is now (LoRA on) with the family's guidance: final latents ``x1``
+        ``(N, C, h, w)`` in the family's latent space (never re-encoded from pixels).
+
+        ``generators``: one ``torch.Generator`` per sample for reproducible held-out draws; ``None`` draws from the
+        global RNG (saved in checkpoints, so training rollouts resume exactly).
+        """
+        device, dtype = self.transformer.device, self.transformer.dtype
+        latents = []
+        for start in range(0, len(prompt_indices), batch_size):
+            chunk = prompt_indices[start : start + batch_size]
+            generator = None if generators is None else generators[start : start + len(chunk)]
+            latents.append(self._rollout(cache.select(chunk, device, dtype), cache.negatives(len(chunk), device, dtype),
+                                         num_inference_steps, resolution, generator))
+        return torch.cat(latents)
+
+    def _rollout(self, cond: dict, negative: dict, num_inference_steps: int, resolution: int, generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Latents ``(N, C, h, w)`` -> images ``(N, 3, H, W)`` in ``[0, 1]`` (undo the scale and shift, decode)."""
+        vae, images = self.pipe.vae, []
+        for start in range(0, latents.shape[0], batch_size):
+            z = latents[start : start + batch_size].to(vae.dtype) / vae.config.scaling_factor
+            shift = getattr(vae.config, "shift_factor", None)
+            if shift is not None:
+                z = z + shift
+            images.append(self.pipe.image_processor.postprocess(vae.decode(z, return_dict=False)[0], output_type="pt").float())
+        return torch.cat(images)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], *, num_inference_steps: int, resolution: int, generators, **call_kwargs):
+        """PIL images straight from the pipeline's own call, as a user of the family runs it (the evaluator)."""
+        out = self.pipe(prompt=prompts, num_inference_steps=num_inference_steps, guidance_scale=self.guidance_scale,
+                        height=resolution, width=resolution, generator=generators, output_type="pil", **call_kwargs)
+        return out.images
+
+    # ---------------------------------------------------------------------------------------------- the regression
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The transformer's ``timestep`` argument at noise level ``sigma``."""
+        raise NotImplementedError
+
+    def flow_matching_pair(self, x1: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+        """``(x_sigma, timestep, target)`` of one flow-matching regression from data ``x1``, noise and the paper's
+        ``t``: ``sigma = 1 - t``, ``x_sigma = (1 - sigma) x1 + sigma noise``, ``target = noise - x1``."""
+        x_sigma, sigma, target = flow_matching_pair(x1, noise, t)
+        return x_sigma, self.timestep(sigma), target
+
+    def velocity(self, transformer, latents: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:
+        """``transformer``'s velocity (``(N, C, h, w)``, like ``latents``) for the prompt tensors ``cond`` (a
+        :meth:`PromptCache.select`). ``transformer`` may be wrapped (DDP, compiled)."""
+        raise NotImplementedError
+
+    def reference(self, transformer):
+        """``v_ref(latents, timestep, cond)``: the same transformer (unwrapped) with its adapters off, no gradient."""
+
+        def v_ref(latents, timestep, cond):
+            with torch.no_grad(), adapters_off(transformer):
+                return self.velocity(transformer, latents, timestep, cond)
+
+        return v_ref
+
+    # ---------------------------------------------------------------------------------------------- LoRA
+    @classmethod
+    def export_lora(cls, transformer, lora_config, directory) -> Path:
+        """Write ``pytorch_lora_weights.safetensors`` with ``pipeline_class.save_lora_weights``: ``transformer.``-
+        prefixed keys and the LoRA config as metadata, so ``pipeline_class.load_lora_weights(directory)`` applies it
+        at the trained strength (also when ``lora_alpha != r``)."""
+        from peft.utils import get_peft_model_state_dict
+
+        cls.pipeline_cls().save_lora_weights(
+            directory, transformer_lora_layers=get_peft_model_state_dict(transformer),
+            transformer_lora_adapter_metadata=lora_metadata(lora_config),
+        )
+        return Path(directory) / "pytorch_lora_weights.safetensors"

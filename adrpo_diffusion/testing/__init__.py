@@ -1,0 +1,9 @@
+"""Test models: tiny pipelines of every family and tiny scorers, for tests and offline demos.
+
+Product code never imports this package; it reaches these builders only by their ``builtin:`` names
+(:mod:`adrpo_diffusion.builtin`).
+
+- :mod:`.tiny_pipelines`  ``builtin:tiny-sd3``, ``builtin:tiny-flux``, ``builtin:tiny-sana``
+- :mod:`.shapes_base`     ``builtin:tiny-sd3-shapes``: the tiny SD3 pre-trained on coloured shapes (the method lab's base)
+- :mod:`.tiny_scorers`    ``builtin:tiny-scorers/<path>``: tiny random weights for every evaluation scorer
+"""
