@@ -310,6 +310,33 @@ def test_rerun_regenerates_and_rescores_only_what_is_missing(evaluated, tmp_path
             before["models"]["tiny"]["metrics"][metric]["mean"], rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.parametrize("variant,by_hand", [
+    ({}, lambda a, b: np.linalg.norm(a - b)),  # the default: L2 between unnormalised embeddings
+    ({"normalize": True}, lambda a, b: np.linalg.norm(a / np.linalg.norm(a) - b / np.linalg.norm(b))),
+    ({"distance": "cosine", "scale": 100}, lambda a, b: 100 * (1 - a @ b / np.linalg.norm(a) / np.linalg.norm(b))),
+])
+def test_clipdiversity_variant_is_chosen_in_the_config(evaluated, tmp_path, tiny_lora, variant, by_hand):
+    from adrpo_diffusion.scorers import build_scorer
+
+    source, prompts_csv = evaluated
+    out = tmp_path / "out"
+    shutil.copytree(source, out)
+    metric_options = {**yaml.safe_load(TINY_CONFIG.read_text())["metric_options"]}
+    metric_options["clipdiversity"] = {**metric_options["clipdiversity"], **variant}
+    argv = _argv(out, prompts_csv, tiny_lora, metrics=["clipscore", "clipdiversity"], metric_options=metric_options)
+    assert evaluate_main(argv) == 0
+
+    cfg = load_eval_config(TINY_CONFIG, _overrides(out, prompts_csv, tiny_lora, metric_options=metric_options))
+    clip = build_scorer("clip", model=cfg.metric_options["clipdiversity"]["model"], device="cpu")
+    images = [Image.open(out / "images" / "tiny" / "1" / "mini" / f"0002_{k}.png") for k in (0, 1)]
+    a, b = clip.image_embeddings(images).double().numpy()
+    value = _results(out)["models"]["tiny"]["metrics"]["clipdiversity"]["per_prompt"]["mini/2"]["per_seed"]["1"]
+    assert value == pytest.approx(by_hand(a, b), rel=1e-5)
+    with pytest.raises(EvalConfigError, match=r"metric_options.clipdiversity: distance must be 'cosine' or 'l2'"):
+        load_eval_config(TINY_CONFIG, _overrides(out, prompts_csv, tiny_lora,
+                                                 metric_options={"clipdiversity": {"distance": "manhattan"}}))
+
+
 def test_undecodable_image_is_reported_counted_and_left_out(evaluated, tmp_path, tiny_lora, capsys):
     source, prompts_csv = evaluated
     out = tmp_path / "out"

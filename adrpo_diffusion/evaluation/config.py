@@ -18,12 +18,15 @@ import yaml
 from ..checkpoint import LORA_WEIGHTS_NAME
 from ..prompts import PromptFileError, load_prompts
 from ..scorers import available_scorers, check_scorer
+from ..scorers.diversity import DEFAULT_OPTIONS as DIVERSITY_DEFAULTS
+from ..scorers.diversity import diversity_options
 from .tiny import resolve_builtin_assets
 
 # Table 1 of the paper, in its column order.
 TABLE1_METRICS = ["clipscore", "clipdiversity", "aesthetic", "blipscore", "imagereward", "pickscore"]
 # Metrics that are not a registry scorer used as is: metric -> (scorer name, fixed scorer options).
-# ClipScore follows torchmetrics: 100 * max(cos, 0). ClipDiversity uses the CLIP scorer's image embeddings.
+# ClipScore follows torchmetrics: 100 * max(cos, 0). ClipDiversity uses the CLIP scorer's image embeddings; its
+# options distance, normalize and scale choose the variant (scorers/diversity.py), the others go to the CLIP scorer.
 DERIVED_METRICS = {"clipscore": ("clip", {"clamp_negative": True}), "clipdiversity": ("clip", {})}
 _NAME = re.compile(r"^[A-Za-z0-9][\w.+-]*$")  # model and prompt set names become directory names
 
@@ -87,7 +90,8 @@ class EvalConfig:
     metrics: list = field(default_factory=lambda: list(TABLE1_METRICS), metadata={
         "help": f"Metrics, all higher-is-better: {', '.join(TABLE1_METRICS)}, or any registered scorer name (e.g. hpsv2)."})
     metric_options: dict = field(default_factory=dict, metadata={
-        "help": "Per-metric scorer options, e.g. {pickscore: {model: /models/PickScore_v1}}. "
+        "help": "Per-metric scorer options, e.g. {pickscore: {model: /models/PickScore_v1}}; clipdiversity also "
+                "takes distance (l2, cosine), normalize and scale (default: L2 between unnormalised embeddings). "
                 "'builtin:tiny-scorers/<name>' names a tiny random asset built into the cache."})
     reward_metric: str = _f("clipscore", "The y axis of reward_vs_diversity.png (x is clipdiversity).")
     output_dir: str = _f("outputs/eval", "Images, score caches, tables and results.json go here.")
@@ -205,7 +209,14 @@ def load_eval_config(path: str | Path | None = None, overrides: dict | None = No
 def metric_scorer(metric: str, options: dict) -> tuple[str, dict]:
     """The registry scorer name and options that compute ``metric``."""
     name, fixed = DERIVED_METRICS.get(metric, (metric, {}))
+    if metric == "clipdiversity":
+        options = {k: v for k, v in options.items() if k not in DIVERSITY_DEFAULTS}
     return name, {**options, **fixed}
+
+
+def clipdiversity_variant(options: dict) -> dict:
+    """ClipDiversity's ``distance``, ``normalize`` and ``scale`` from its metric options, defaults filled in."""
+    return diversity_options(**{k: v for k, v in options.items() if k in DIVERSITY_DEFAULTS})
 
 
 def validate(cfg: EvalConfig) -> list[str]:
@@ -225,6 +236,8 @@ def validate(cfg: EvalConfig) -> list[str]:
         else:
             try:
                 check_scorer(*metric_scorer(metric, options))
+                if metric == "clipdiversity":
+                    clipdiversity_variant(options)
             except ValueError as err:
                 problems.append(f"metric_options.{metric}: {err}")
     if cfg.reward_metric not in cfg.metrics:
