@@ -27,7 +27,7 @@ from .config import TrainConfig
 from .losses import flow_matching_pair, sample_times
 from .methods import Method, build_method
 from .models import add_lora, check_model_source, load_sd3_pipeline
-from .prompts import PromptSampler, load_prompts
+from .prompts import PromptSampler, training_prompts
 from .sampling import decode_latents, encode_prompts, free_text_encoders, image_grid, sample_latents
 from .scorers import build_scorer, check_scorer
 
@@ -93,7 +93,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         # Everything that can fail without a model, first.
-        self.prompts = load_prompts(cfg.prompt_file)
+        self.prompts = training_prompts(cfg.prompt_file, cfg.heldout_fraction)
         check_scorer(cfg.reward, cfg.reward_options, self.prompts)
         check_model_source(cfg.pretrained_model)
         self.output_dir = Path(cfg.output_dir)

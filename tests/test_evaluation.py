@@ -126,6 +126,25 @@ def test_unknown_metric_and_unknown_keys_name_the_valid_ones(prompts_csv):
         load_eval_config(overrides=_config(prompts_csv, images_per_prompt=1))
 
 
+def test_heldout_fraction_evaluates_only_prompts_a_run_with_it_never_trained_on(tmp_path):
+    from adrpo_diffusion.evaluation.config import load_prompt_set
+    from adrpo_diffusion.prompts import training_prompts
+
+    files = ["prompts/drawbench.csv", "prompts/styles.txt", "prompts/compositional.txt"]
+    prompt_sets = [{"name": Path(f).stem, "file": f} for f in files]
+    cfg = load_eval_config(overrides=_config(tmp_path / "p.csv", prompt_sets=prompt_sets, heldout_fraction=0.25))
+    evaluated = [e for s in cfg.prompt_sets for e in load_prompt_set(s, heldout_fraction=cfg.heldout_fraction)]
+    trained = training_prompts(files, 0.25)
+    assert len(evaluated) + len(trained) == 330 and not {e.prompt for e in evaluated} & set(trained)
+    drawbench = [e for e in evaluated if e.prompt_set == "drawbench"]
+    assert len({e.category for e in drawbench}) == 11  # every DrawBench category keeps held-out prompts
+    assert drawbench[0].index == 10 and drawbench[0].prompt == "A black colored sandwich."  # its row in the file
+    # max_prompts_per_set: evenly spaced through the held-out prompts
+    assert load_prompt_set(cfg.prompt_sets[0], 4, 0.25) == [drawbench[i * len(drawbench) // 4] for i in range(4)]
+    with pytest.raises(EvalConfigError, match=r"heldout_fraction must be in \[0, 1\)"):
+        load_eval_config(overrides=_config(tmp_path / "p.csv", prompt_sets=prompt_sets, heldout_fraction=1.0))
+
+
 def test_empty_prompt_set_and_missing_lora_are_reported_together(prompts_csv, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("# only a comment\n")

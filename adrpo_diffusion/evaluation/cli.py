@@ -34,7 +34,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     else:
         root = out / "images"
         prompts = [entry for prompt_set in cfg.prompt_sets
-                   for entry in load_prompt_set(prompt_set, cfg.max_prompts_per_set)]
+                   for entry in load_prompt_set(prompt_set, cfg.max_prompts_per_set, cfg.heldout_fraction)]
         records = generate_images(cfg, prompts, root)
     scores = score_all(cfg, records, root)
     if scores.failed:

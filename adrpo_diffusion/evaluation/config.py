@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from ..checkpoint import LORA_WEIGHTS_NAME
-from ..prompts import PromptFileError, load_prompts
+from ..prompts import PromptFileError, is_heldout, load_prompts
 from ..scorers import available_scorers, check_scorer
 from ..scorers.diversity import DEFAULT_OPTIONS as DIVERSITY_DEFAULTS
 from ..scorers.diversity import diversity_options
@@ -83,6 +83,9 @@ class EvalConfig:
                               metadata={"help": "Prompt sets: list of {name, file}."})
     max_prompts_per_set: int | None = _f(None, "Keep this many prompts of each set, evenly spaced through the file "
                                                "(so DrawBench keeps every category); null: all.")
+    heldout_fraction: float = _f(0.0, "Evaluate only the prompts in the held-out split of this fraction "
+                                      "(prompts.is_heldout): set it to the training runs' heldout_fraction and no "
+                                      "evaluated prompt was trained on. 0: every prompt.")
     images_per_prompt: int = _f(4, "K: images per (model, seed, prompt); ClipDiversity compares these K images.")
     seeds: list = field(default_factory=lambda: [0, 1, 2], metadata={
         "help": "Evaluation seeds; mean and standard error are taken over seeds."})
@@ -248,6 +251,8 @@ def validate(cfg: EvalConfig) -> list[str]:
     if "clipdiversity" in cfg.metrics and cfg.images_per_prompt < 2 and cfg.images_dir is None:
         problems.append(f"clipdiversity compares the K images of a prompt: images_per_prompt must be >= 2, "
                         f"got {cfg.images_per_prompt}")
+    if not 0 <= cfg.heldout_fraction < 1:
+        problems.append(f"heldout_fraction must be in [0, 1), got {cfg.heldout_fraction}")
     if cfg.max_prompts_per_set is not None and cfg.max_prompts_per_set < 1:
         problems.append(f"max_prompts_per_set must be >= 1 or null, got {cfg.max_prompts_per_set}")
     if not cfg.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in cfg.seeds):
@@ -277,7 +282,9 @@ def validate(cfg: EvalConfig) -> list[str]:
         if not _NAME.match(prompt_set.name):
             problems.append(f"Prompt set name {prompt_set.name!r} must be letters, digits, . _ + - (a directory name)")
         try:
-            load_prompts(prompt_set.file)
+            if not load_prompt_set(prompt_set, heldout_fraction=cfg.heldout_fraction):
+                problems.append(f"prompt set {prompt_set.name!r}: none of its prompts is in the held-out split of "
+                                f"heldout_fraction {cfg.heldout_fraction}")
         except PromptFileError as err:
             problems.append(f"prompt set {prompt_set.name!r}: {err}")
     return problems
@@ -335,9 +342,10 @@ def _is_pipeline_class(name: str) -> bool:
     return isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)
 
 
-def load_prompt_set(prompt_set: PromptSet, max_prompts: int | None = None) -> list[PromptEntry]:
-    """The prompts of a set with their file index and category (a CSV/TSV ``category`` column, else None);
-    ``max_prompts`` keeps that many, evenly spaced through the file."""
+def load_prompt_set(prompt_set: PromptSet, max_prompts: int | None = None,
+                    heldout_fraction: float = 0.0) -> list[PromptEntry]:
+    """The prompts of a set with their file index and category (a CSV/TSV ``category`` column, else None); with
+    ``heldout_fraction`` > 0 only those of its held-out split; ``max_prompts`` keeps that many, evenly spaced."""
     import csv
 
     path = Path(prompt_set.file)
@@ -349,9 +357,9 @@ def load_prompt_set(prompt_set: PromptSet, max_prompts: int | None = None) -> li
                 if (r["prompt"] or "").strip()]  # load_prompts drops the same empty rows
         if "category" in rows[0]:
             categories = [(r["category"] or "").strip() or None for r in rows]
-    indices = range(len(prompts))
-    if max_prompts is not None and max_prompts < len(prompts):
-        indices = [i * len(prompts) // max_prompts for i in range(max_prompts)]
+    indices = [i for i, prompt in enumerate(prompts) if not heldout_fraction or is_heldout(prompt, heldout_fraction)]
+    if max_prompts is not None and max_prompts < len(indices):
+        indices = [indices[i * len(indices) // max_prompts] for i in range(max_prompts)]
     return [PromptEntry(prompt_set.name, i, prompts[i], categories[i]) for i in indices]
 
 
