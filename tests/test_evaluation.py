@@ -145,6 +145,29 @@ def test_heldout_fraction_evaluates_only_prompts_a_run_with_it_never_trained_on(
         load_eval_config(overrides=_config(tmp_path / "p.csv", prompt_sets=prompt_sets, heldout_fraction=1.0))
 
 
+def test_table1_config_compares_every_method_trained_as_documented_with_its_training_sampler():
+    """configs/eval_table1.yaml against configs/sd3_medium_80gb.yaml (both read, not validated: no hub offline)."""
+    from adrpo_diffusion.config import load_config
+    from adrpo_diffusion.methods import available_methods
+
+    table = yaml.safe_load((REPO / "configs" / "eval_table1.yaml").read_text())
+    train = load_config(REPO / "configs" / "sd3_medium_80gb.yaml")
+    sd3 = [m for m in table["models"] if m["base"] == train.pretrained_model]
+    assert sorted(m.get("lora") for m in sd3 if m.get("lora")) == sorted(
+        f"outputs/sd3-medium-{method}-80gb" for method in available_methods())  # the documented loop's dirs
+    assert train.output_dir == "outputs/sd3-medium-adrpo-80gb" and train.method == "adrpo"
+    for model in sd3:
+        assert (model["resolution"], model["num_inference_steps"], model["guidance_scale"]) == (
+            train.resolution, train.num_inference_steps, train.guidance_scale), model["name"]
+    others = {m["name"]: m["base"] for m in table["models"] if m not in sd3}
+    assert others == {"FLUX.1-dev": "black-forest-labs/FLUX.1-dev",
+                      "SANA-1.5-4.8B": "Efficient-Large-Model/SANA1.5_4.8B_1024px_diffusers"}
+    assert table["heldout_fraction"] == train.heldout_fraction > 0
+    assert sorted(s["file"] for s in table["prompt_sets"]) == sorted(train.prompt_file)
+    assert table["metrics"] == METRICS and table["metric_options"]["clipdiversity"] == {"distance": "l2",
+                                                                                        "normalize": False}
+
+
 def test_empty_prompt_set_and_missing_lora_are_reported_together(prompts_csv, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("# only a comment\n")
@@ -327,6 +350,25 @@ def test_rerun_regenerates_and_rescores_only_what_is_missing(evaluated, tmp_path
     for metric in METRICS:
         assert after["models"]["tiny"]["metrics"][metric]["mean"] == pytest.approx(
             before["models"]["tiny"]["metrics"][metric]["mean"], rel=1e-4, abs=1e-6)
+
+
+def test_each_model_samples_at_its_own_resolution_and_a_lora_row_is_checked_against_its_training(
+        tmp_path, prompts_csv, tiny_lora):
+    lora = tmp_path / "run"
+    shutil.copytree(tiny_lora, lora)
+    (lora / "config.json").write_text(json.dumps({"resolution": 32, "num_inference_steps": 4, "guidance_scale": 4.5}))
+    sampling = {"num_inference_steps": 4, "guidance_scale": 1.0, "call_kwargs": {"max_sequence_length": 8}}
+    models = [{"name": "tiny", "base": "builtin:tiny-sd3", "resolution": 16, **sampling},
+              {"name": "tiny+lora", "base": "builtin:tiny-sd3", "lora": str(lora), **sampling}]
+    with pytest.warns(UserWarning, match=r"'tiny\+lora' samples otherwise than its LoRA's training run: "
+                                         r"guidance_scale 1.0 \(trained with 4.5\)$"):
+        argv = _argv(tmp_path / "out", prompts_csv, lora, models=models, max_prompts_per_set=1, seeds=[0],
+                     metrics=["clipscore"])
+        assert evaluate_main(argv) == 0
+    images = tmp_path / "out" / "images"
+    assert Image.open(images / "tiny" / "0" / "mini" / "0000_0.png").size == (16, 16)
+    assert Image.open(images / "tiny+lora" / "0" / "mini" / "0000_0.png").size == (32, 32)  # the config's
+    assert json.loads((images / "tiny" / "0" / "mini" / "0000_0.json").read_text())["settings"]["resolution"] == 16
 
 
 @pytest.mark.parametrize("variant,by_hand", [

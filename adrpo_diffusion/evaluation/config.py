@@ -7,9 +7,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +55,7 @@ class ModelSpec:
     lora: str | None = _f(None, "Directory holding pytorch_lora_weights.safetensors (as adrpo-train writes).")
     pipeline: str = _f("auto", "auto (DiffusionPipeline.from_pretrained picks the class) or a diffusers pipeline "
                                "class name such as StableDiffusion3Pipeline, FluxPipeline, SanaPipeline.")
+    resolution: int | None = _f(None, "Image height and width in pixels for this model; null: the config's resolution.")
     num_inference_steps: int = _f(28, "Sampler steps.")
     guidance_scale: float = _f(7.0, "Guidance scale (classifier-free; FLUX.1-dev's is its distilled guidance).")
     call_kwargs: dict = field(default_factory=dict, metadata={
@@ -89,7 +92,7 @@ class EvalConfig:
     images_per_prompt: int = _f(4, "K: images per (model, seed, prompt); ClipDiversity compares these K images.")
     seeds: list = field(default_factory=lambda: [0, 1, 2], metadata={
         "help": "Evaluation seeds; mean and standard error are taken over seeds."})
-    resolution: int = _f(1024, "Image height and width in pixels.")
+    resolution: int = _f(1024, "Image height and width in pixels of the models that set no resolution of their own.")
     metrics: list = field(default_factory=lambda: list(TABLE1_METRICS), metadata={
         "help": f"Metrics, all higher-is-better: {', '.join(TABLE1_METRICS)}, or any registered scorer name (e.g. hpsv2)."})
     metric_options: dict = field(default_factory=dict, metadata={
@@ -200,6 +203,9 @@ def load_eval_config(path: str | Path | None = None, overrides: dict | None = No
     if cfg is None:
         raise EvalConfigError(header + "\n  ".join(problems))
     cfg.models = [_typed(ModelSpec, m, f"models[{i}]", problems) for i, m in enumerate(cfg.models)]
+    for model in cfg.models:
+        if model is not None and model.resolution is None:
+            model.resolution = cfg.resolution
     cfg.prompt_sets = [_typed(PromptSet, s, f"prompt_sets[{i}]", problems) for i, s in enumerate(cfg.prompt_sets)]
     if not problems:
         problems = validate(cfg)
@@ -314,8 +320,9 @@ def _validate_models(models: list[ModelSpec]) -> list[str]:
     for model in models:
         if not _NAME.match(model.name):
             problems.append(f"Model name {model.name!r} must be letters, digits, . _ + - (it is a directory name)")
-        if model.num_inference_steps < 1:
-            problems.append(f"model {model.name!r}: num_inference_steps must be >= 1")
+        for name in ("num_inference_steps", "resolution"):
+            if getattr(model, name) < 1:
+                problems.append(f"model {model.name!r}: {name} must be >= 1")
         if model.pipeline != "auto" and not _is_pipeline_class(model.pipeline):
             problems.append(f"model {model.name!r}: pipeline {model.pipeline!r} is not a diffusers pipeline class; "
                             "use auto or a class name such as StableDiffusion3Pipeline, FluxPipeline, SanaPipeline")
@@ -323,6 +330,8 @@ def _validate_models(models: list[ModelSpec]) -> list[str]:
             check_model_source(model.base, option=f"models[{model.name}].base:")
         except (FileNotFoundError, ValueError) as err:
             problems.append(f"model {model.name!r}: base: {err}")
+        if model.lora is not None and (Path(model.lora) / "config.json").is_file():
+            _warn_if_not_trained_so(model)
         if model.lora is not None and not (Path(model.lora) / LORA_WEIGHTS_NAME).is_file():
             problems.append(
                 f"model {model.name!r}: LoRA directory {model.lora} has no {LORA_WEIGHTS_NAME}. adrpo-train writes it "
@@ -330,6 +339,18 @@ def _validate_models(models: list[ModelSpec]) -> list[str]:
                 f"outputs/tiny-cpu); train first, or point lora at such a directory."
             )
     return problems
+
+
+def _warn_if_not_trained_so(model: ModelSpec) -> None:
+    """Warn when a LoRA row samples otherwise than its training run did (the run's config.json): a LoRA is best
+    judged with the sampler it was trained with."""
+    trained = json.loads((Path(model.lora) / "config.json").read_text())
+    differences = [f"{key} {getattr(model, key)} (trained with {trained[key]})"
+                   for key in ("resolution", "num_inference_steps", "guidance_scale")
+                   if key in trained and getattr(model, key) != trained[key]]
+    if differences:
+        warnings.warn(f"model {model.name!r} samples otherwise than its LoRA's training run: {', '.join(differences)}",
+                      stacklevel=2)
 
 
 def _is_pipeline_class(name: str) -> bool:
