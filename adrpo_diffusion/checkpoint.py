@@ -1,14 +1,28 @@
-"""LoRA export in diffusers format, and resumable training checkpoints written atomically."""
+"""LoRA export in diffusers format, and resumable training checkpoints written atomically.
+
+A checkpoint ``step-N`` holds ``manifest.json``: the run's config and the size and SHA-1 of every file. Resuming
+checks both before any model loads: a missing, truncated or altered file (``latest`` then falls back to the previous
+checkpoint), and config keys that change what the checkpoint's state means (:data:`config.RESUME_MAY_CHANGE` lists
+the keys a resumed run may change).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from pathlib import Path
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+MANIFEST_NAME = "manifest.json"
+# What a training run writes into its output_dir (README, "What a run writes").
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", LORA_WEIGHTS_NAME, "checkpoints", "samples", "logs")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    pass
 
 
 def export_lora(transformer, lora_config, directory: str | os.PathLike) -> Path:
@@ -50,27 +64,93 @@ def list_checkpoints(checkpoints_dir: str | os.PathLike) -> list[tuple[int, Path
     return sorted(found)
 
 
-def resolve_resume(resume: str | None, checkpoints_dir: str | os.PathLike) -> Path | None:
-    """``latest`` -> newest complete checkpoint (None if there is none yet); a path must exist."""
+def run_files(output_dir: str | os.PathLike) -> list[Path]:
+    """The files and directories of a training run (:data:`RUN_FILES`) that ``output_dir`` holds."""
+    return [path for name in RUN_FILES if (path := Path(output_dir) / name).exists()]
+
+
+def write_manifest(directory: Path, config: dict) -> None:
+    """``manifest.json`` in a checkpoint: ``config`` and the size and SHA-1 of every file in ``directory``."""
+    from .evaluation.generate import file_sha1
+
+    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha1": file_sha1(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file()}
+    (directory / MANIFEST_NAME).write_text(json.dumps({"config": config, "files": files}, indent=1))
+
+
+def _manifest_problem(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` is not complete (naming the file), or None."""
+    from .evaluation.generate import file_sha1
+
+    try:
+        files = json.loads((path / MANIFEST_NAME).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{path / MANIFEST_NAME} is missing or unreadable (the checkpoint is incomplete or from an older version)"
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != expected["size"]:
+            return f"{file} is truncated or changed ({file.stat().st_size} bytes, {expected['size']} were written)"
+        if file_sha1(file) != expected["sha1"]:
+            return f"{file} is corrupted (its SHA-1 differs from the one written with it)"
+    return None
+
+
+def config_changes(path: Path, config: dict) -> list[str]:
+    """The keys of ``config`` that differ from the checkpoint's and may not change on resume, as readable lines."""
+    from .config import RESUME_MAY_CHANGE
+
+    saved = json.loads((path / MANIFEST_NAME).read_text())["config"]
+    config = json.loads(json.dumps(config))  # tuples -> lists, as saved
+    keys = sorted((saved.keys() | config.keys()) - set(RESUME_MAY_CHANGE))
+    return [f"{key}: {saved.get(key)!r} in the checkpoint, {config.get(key)!r} now"
+            for key in keys if saved.get(key) != config.get(key)]
+
+
+def resolve_resume(resume: str | None, checkpoints_dir: str | os.PathLike, config: dict, log=print) -> Path | None:
+    """The checkpoint to resume, checked to be complete and made with a compatible ``config``, or None for a new run.
+
+    ``latest`` -> the newest complete checkpoint (an incomplete one is skipped with a warning through ``log``; None
+    if there is no checkpoint yet); a ``checkpoints/step-N`` path must exist and be complete."""
     if resume is None:
         return None
     if resume == "latest":
-        found = list_checkpoints(checkpoints_dir)
-        return found[-1][1] if found else None
-    path = Path(resume)
-    if not path.is_dir() or not _STEP_DIR.match(path.name):
-        raise FileNotFoundError(f"resume_from_checkpoint={resume!r} is not a checkpoints/step-N directory.")
-    return path
+        candidates = [path for _, path in reversed(list_checkpoints(checkpoints_dir))]
+        if not candidates:
+            return None
+    else:
+        path = Path(resume)
+        if not path.is_dir() or not _STEP_DIR.match(path.name):
+            raise FileNotFoundError(f"resume_from_checkpoint={resume!r} is not a checkpoints/step-N directory.")
+        candidates = [path]
+    problems = []
+    for path in candidates:
+        problem = _manifest_problem(path)
+        if problem is None:
+            changes = config_changes(path, config)
+            if changes:
+                raise CheckpointError(
+                    f"Cannot resume from {path}: the config differs from the checkpoint's in keys that decide the "
+                    "model, the optimizer state or what the run optimises:\n  " + "\n  ".join(changes) + "\nResume "
+                    "with the checkpoint's values, or start a new run in another output_dir.")
+            return path
+        problems.append(problem)
+        if resume == "latest":
+            log(f"WARNING: not resuming from {path}: {problem}"
+                + ("; trying the previous checkpoint" if path != candidates[-1] else ""))
+    raise CheckpointError(f"Cannot resume from {resume!r}: no complete checkpoint (" + "; ".join(problems) + "). Resume "
+                          "from another checkpoints/step-N, or start over with --overwrite_output_dir true.")
 
 
 def checkpoint_step(path: str | os.PathLike) -> int:
     return int(_STEP_DIR.match(Path(path).name).group(1))
 
 
-def save_checkpoint(accelerator, checkpoints_dir: str | os.PathLike, step: int, total_limit: int) -> Path:
-    """``accelerator.save_state`` into a temporary directory, then one rename: a ``step-N`` directory is
-    always complete, so a run killed at any moment resumes from the previous one. Keeps the newest
-    ``total_limit`` checkpoints (0 keeps all)."""
+def save_checkpoint(accelerator, checkpoints_dir: str | os.PathLike, step: int, total_limit: int, config: dict) -> Path:
+    """``accelerator.save_state`` and the manifest (``config``, every file's size and SHA-1) into a temporary
+    directory, then one rename: a ``step-N`` directory is always complete, so a run killed at any moment resumes
+    from the previous one. Keeps the newest ``total_limit`` checkpoints (0 keeps all)."""
     root = Path(checkpoints_dir)
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
     if accelerator.is_main_process:
@@ -80,6 +160,7 @@ def save_checkpoint(accelerator, checkpoints_dir: str | os.PathLike, step: int, 
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_manifest(tmp, config)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -2,22 +2,47 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
+from pathlib import Path
+
+
+def resume_command(argv: list[str]) -> str:
+    """The ``adrpo-train`` command that continues the run of ``argv``: its arguments, with
+    ``--resume_from_checkpoint latest`` in place of any resume or overwrite option."""
+    args, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.split("=", 1)[0] in ("--resume_from_checkpoint", "--overwrite_output_dir"):
+            skip = "=" not in arg  # its value is the next argument
+        else:
+            args.append(arg)
+    return shlex.join(["adrpo-train", *args, "--resume_from_checkpoint", "latest"])
 
 
 def train_main(argv=None) -> int:
+    from .checkpoint import list_checkpoints
     from .config import ConfigError, config_from_args
     from .prompts import PromptFileError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg = None
     try:
-        cfg = config_from_args(argv)
-        from .trainer import Trainer
+        try:
+            cfg = config_from_args(argv)
+            from .trainer import Trainer
 
-        trainer = Trainer(cfg)
-    except (ConfigError, PromptFileError, FileNotFoundError, ValueError, ImportError) as err:
-        print(f"adrpo-train: error: {err}", file=sys.stderr)
-        return 2
-    trainer.train()
+            trainer = Trainer(cfg)
+        except (ConfigError, PromptFileError, FileNotFoundError, FileExistsError, ValueError, ImportError) as err:
+            print(f"adrpo-train: error: {err}", file=sys.stderr)
+            return 2
+        trainer.train()
+    except KeyboardInterrupt:
+        checkpoints = list_checkpoints(Path(cfg.output_dir) / "checkpoints") if cfg else []
+        last = f"the last checkpoint is {checkpoints[-1][1]}" if checkpoints else "no checkpoint was written yet"
+        print(f"\nadrpo-train: interrupted; {last}. Continue with:\n  {resume_command(argv)}", file=sys.stderr)
+        return 130
     return 0
 
 

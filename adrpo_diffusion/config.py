@@ -83,7 +83,12 @@ class TrainConfig:
     seed: int = _f(0, "Seed of every random draw (prompts, rollouts, noise, t).")
     checkpointing_steps: int = _f(100, "Write a resumable checkpoint every N steps (0: only at the end).")
     checkpoints_total_limit: int = _f(3, "Keep the newest N checkpoints (0: keep all).")
-    resume_from_checkpoint: str | None = _f(None, "latest, or a checkpoints/step-N directory.")
+    resume_from_checkpoint: str | None = _f(None, "latest, or a checkpoints/step-N directory. The checkpoint's files and "
+                                                  "config are checked first: only max_steps and the checkpointing, held-out, "
+                                                  "logging, speed and batch-size keys may differ (RESUME_MAY_CHANGE).")
+    overwrite_output_dir: bool = _f(False, "Start a new run in an output_dir that holds another one, deleting that run's "
+                                           "files first (config.json, metrics.jsonl, summary.json, the LoRA, checkpoints/, "
+                                           "samples/, logs/); without it such a directory is refused. Ignored when resuming.")
     sample_every: int = _f(100, "Save a grid of held-out samples every N steps (0: never).")
     eval_prompts: int = _f(8, "Prompts for the held-out reward printed before and after training (0: no check).")
     eval_seeds: list = _f([1000, 1001], "Held-out seeds (never used in training) for that reward.")
@@ -93,6 +98,13 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# The keys a resumed run may change: how long it runs, how fast, what it logs and where. Every other key must match
+# the checkpoint's (the model, the LoRA and optimizer state shapes, the method, the reward, the data, the seed).
+RESUME_MAY_CHANGE = (
+    "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "max_steps", "checkpointing_steps",
+    "checkpoints_total_limit", "sample_every", "eval_prompts", "eval_seeds", "report_to", "max_consecutive_nonfinite",
+    "allow_tf32", "compile_sampler", "compile_backend", "gradient_checkpointing", "rollout_batch_size", "train_batch_size",
+)
 
 
 def _type_of(name: str):

@@ -4,7 +4,10 @@ Every model is loaded through ``StableDiffusion3Pipeline.from_pretrained`` with 
 directory. The tiny pipeline (``builtin:tiny-sd3``) is built from configs with random weights, saved with
 ``save_pretrained`` into a cache directory, and loaded back through that same path. ``builtin:tiny-sd3-shapes``
 is a tiny pipeline pre-trained on the coloured-shapes data of the method lab (:mod:`adrpo_diffusion.lab.pretrain`),
-cached the same way.
+cached the same way. Both have no T5 encoder, so loading their directory directly needs the two absent components
+passed as None, as for SD3 without T5 (:func:`load_sd3_pipeline` does this itself)::
+
+    StableDiffusion3Pipeline.from_pretrained(resolve_model_path("builtin:tiny-sd3"), text_encoder_3=None, tokenizer_3=None)
 """
 
 from __future__ import annotations
@@ -77,20 +80,25 @@ def check_model_source(name_or_path: str, option: str = "--pretrained_model") ->
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Map built-in names to their cached directory (building it once); pass anything else through."""
-    if name_or_path == TINY_SD3:
-        target = cache_dir() / "tiny-sd3"
-        if not (target / "model_index.json").is_file():
-            build_tiny_sd3(target)
-        return str(target)
-    if name_or_path == TINY_SD3_SHAPES:
-        from .lab.pretrain import build_tiny_sd3_shapes
+    """Map built-in names to their cached directory (building it once); pass anything else through.
 
-        target = cache_dir() / "tiny-sd3-shapes"
-        if not (target / "model_index.json").is_file():
-            build_tiny_sd3_shapes(target)
-        return str(target)
-    return name_or_path
+    A build leaves the global torch RNG as it found it: a run seeded before its model loads draws the same
+    numbers whether or not the model had to be built first."""
+    if name_or_path not in BUILTIN_MODELS:
+        return name_or_path
+    target = cache_dir() / name_or_path.removeprefix(BUILTIN_PREFIX)
+    if not (target / "model_index.json").is_file():
+        if name_or_path == TINY_SD3:
+            build, duration = build_tiny_sd3, "about 10 s"
+        else:
+            from .lab.pretrain import build_tiny_sd3_shapes as build
+
+            duration = "about 4 minutes"
+        print(f"[adrpo] building {name_or_path} once into {target} ({duration} on a CPU; later runs load it from there)",
+              flush=True)
+        with torch.random.fork_rng(devices=[]):
+            build(target)
+    return str(target)
 
 
 def load_sd3_pipeline(name_or_path: str, dtype: torch.dtype = torch.float32, drop_t5: bool = False):

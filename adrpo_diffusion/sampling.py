@@ -82,15 +82,28 @@ def decode_latents(pipe, latents: torch.Tensor, batch_size: int) -> torch.Tensor
     return torch.cat(images)
 
 
-def image_grid(images: torch.Tensor, cols: int):
-    """A PIL grid of images ``(N, 3, H, W)`` in ``[0, 1]``, ``cols`` per row, the last row padded with black."""
+def image_grid(images: torch.Tensor, cols: int, labels: list[str] | None = None):
+    """A PIL grid of images ``(N, 3, H, W)`` in ``[0, 1]``, ``cols`` per row, the last row padded with black.
+    ``labels``: one text per row (e.g. its prompt), written in PIL's default font in a white band on the left."""
     import math
 
     from diffusers.utils import make_image_grid
-    from PIL import Image
+    from PIL import Image, ImageDraw, ImageFont
 
     pil = [Image.fromarray((img.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()) for img in images]
     cols = min(len(pil), cols)
     rows = math.ceil(len(pil) / cols)
     pil += [Image.new("RGB", pil[0].size)] * (rows * cols - len(pil))
-    return make_image_grid(pil, rows=rows, cols=cols)
+    grid = make_image_grid(pil, rows=rows, cols=cols)
+    if not labels:
+        return grid
+    font = ImageFont.load_default()
+    texts = [label if len(label) <= 60 else label[:57] + "..." for label in labels]
+    boxes = [ImageDraw.Draw(grid).textbbox((0, 0), text, font=font) for text in texts]
+    band = max(box[2] for box in boxes) + 8
+    labelled = Image.new("RGB", (grid.width + band, grid.height), "white")
+    labelled.paste(grid, (band, 0))
+    draw, height = ImageDraw.Draw(labelled), pil[0].height
+    for row, (text, box) in enumerate(zip(texts, boxes)):
+        draw.text((4, row * height + (height - box[3] - box[1]) / 2), text, fill="black", font=font)
+    return labelled

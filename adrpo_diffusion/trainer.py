@@ -17,12 +17,13 @@ import dataclasses
 import gc
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from .checkpoint import checkpoint_step, export_lora, list_checkpoints, load_lora_into, resolve_resume, save_checkpoint
+from .checkpoint import checkpoint_step, export_lora, list_checkpoints, load_lora_into, resolve_resume, run_files, save_checkpoint
 from .config import TrainConfig
 from .losses import flow_matching_pair, sample_times
 from .methods import Method, build_method
@@ -98,7 +99,13 @@ class Trainer:
         check_model_source(cfg.pretrained_model)
         self.output_dir = Path(cfg.output_dir)
         self.checkpoints_dir = self.output_dir / "checkpoints"
-        self.resume_dir = resolve_resume(cfg.resume_from_checkpoint, self.checkpoints_dir)
+        previous_run = run_files(self.output_dir)
+        if previous_run and cfg.resume_from_checkpoint is None and not cfg.overwrite_output_dir:
+            raise FileExistsError(
+                f"output_dir {self.output_dir} holds another run ({', '.join(p.name for p in previous_run)}). Continue it "
+                "with --resume_from_checkpoint latest, replace it with --overwrite_output_dir true (deletes those files "
+                "first), or choose another --output_dir."
+            )
         optimizer_cls = torch.optim.AdamW
         if cfg.use_8bit_adam:
             try:
@@ -131,6 +138,7 @@ class Trainer:
                 f"its {n_local} rollouts are not a multiple of images_per_prompt ({cfg.images_per_prompt}). Make "
                 f"prompts_per_step ({cfg.prompts_per_step}) a multiple of the number of processes ({acc.num_processes})."
             )
+        self.resume_dir = resolve_resume(cfg.resume_from_checkpoint, self.checkpoints_dir, dataclasses.asdict(cfg), self._log)
         set_seed(cfg.seed, device_specific=True)  # different rollouts on each process
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -181,9 +189,6 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.metrics_path = self.output_dir / "metrics.jsonl"
-        if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         self._log(f"method: {self.method}")
         if self.resume_dir is not None:
             acc.load_state(str(self.resume_dir))
@@ -191,7 +196,16 @@ class Trainer:
             self._log(f"resumed from {self.resume_dir} at step {self.step}")
         elif cfg.resume_from_checkpoint == "latest":
             self._log("no checkpoint found; starting a new run")
-        if acc.is_main_process:
+        if acc.is_main_process:  # the run starts: only now are the output_dir's files replaced
+            if cfg.overwrite_output_dir and cfg.resume_from_checkpoint is None:
+                for path in previous_run:
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+            (self.output_dir / "summary.json").unlink(missing_ok=True)  # written again when this run ends
             self._truncate_metrics(self.step)
         acc.init_trackers("adrpo", config=_flat_config(cfg))
 
@@ -251,7 +265,10 @@ class Trainer:
         if not len(images):  # eval_prompts: 0
             return
         (self.output_dir / "samples").mkdir(parents=True, exist_ok=True)
-        image_grid(images, cols=max(1, len(self.eval_indices))).save(self.output_dir / "samples" / f"{name}.png")
+        prompts = [self.prompts[i] for i in self.eval_indices]
+        by_prompt = images.unflatten(0, (-1, len(prompts))).transpose(0, 1).flatten(0, 1)  # one row per prompt
+        grid = image_grid(by_prompt, cols=len(images) // len(prompts), labels=prompts)
+        grid.save(self.output_dir / "samples" / f"{name}.png")
 
     # ------------------------------------------------------------------ one iteration
     def train_step(self) -> dict:
@@ -389,14 +406,14 @@ class Trainer:
             progress.update(1)
             progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics.get('loss', math.nan):.4f}")
             if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0:
-                save_checkpoint(acc, self.checkpoints_dir, self.step, cfg.checkpoints_total_limit)
+                save_checkpoint(acc, self.checkpoints_dir, self.step, cfg.checkpoints_total_limit, dataclasses.asdict(cfg))
             if cfg.sample_every and self.step % cfg.sample_every == 0 and acc.is_main_process:
                 _, images = self.heldout_rewards(seeds=cfg.eval_seeds[:1])
                 self._save_samples(images, f"step-{self.step}")
         progress.close()
 
         if not any(step == self.step for step, _ in list_checkpoints(self.checkpoints_dir)):
-            save_checkpoint(acc, self.checkpoints_dir, self.step, cfg.checkpoints_total_limit)
+            save_checkpoint(acc, self.checkpoints_dir, self.step, cfg.checkpoints_total_limit, dataclasses.asdict(cfg))
         if acc.is_main_process:
             export_lora(acc.unwrap_model(self.model), self.lora_config, self.output_dir)
         self._log(f"LoRA weights: {self.output_dir / 'pytorch_lora_weights.safetensors'}")

@@ -1,5 +1,7 @@
 """Bad input gets a clear error before any model loads."""
 
+import dataclasses
+
 import pytest
 
 from adrpo_diffusion import cli, trainer
@@ -138,3 +140,96 @@ def test_directory_without_model_index(tmp_path, capsys):
 def test_resume_from_a_missing_checkpoint(tmp_path, capsys):
     code, err = run_cli(["--config", "configs/tiny_cpu.yaml", "--resume_from_checkpoint", str(tmp_path / "step-9")], capsys)
     assert code == 2 and "is not a checkpoints/step-N directory" in err
+
+
+@pytest.mark.parametrize("module, entry, fields", [
+    ("adrpo_diffusion.cli", "train_main", "adrpo_diffusion.config"),
+    ("adrpo_diffusion.evaluation.cli", "evaluate_main", "adrpo_diffusion.evaluation.config"),
+    ("adrpo_diffusion.benchmark", "main", None),
+    ("adrpo_diffusion.lab.experiment", "main", None),
+])
+def test_help_documents_every_key(module, entry, fields, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as info:
+        getattr(importlib.import_module(module), entry)(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out
+    for name in importlib.import_module(fields).FIELDS if fields else ():
+        assert f"--{name} VALUE" in out, name
+
+
+def test_output_dir_of_another_run_is_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    code, err = run_cli(["--config", "configs/tiny_cpu.yaml", "--output_dir", str(out)], capsys)
+    assert code == 2 and "holds another run (config.json, metrics.jsonl)" in err
+    assert "--resume_from_checkpoint latest" in err and "--overwrite_output_dir true" in err
+    assert (out / "config.json").read_text() == "{}" and (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def fake_checkpoint(directory, config):
+    """A checkpoint directory with two files and the manifest the trainer writes (no training needed)."""
+    from adrpo_diffusion.checkpoint import write_manifest
+
+    directory.mkdir(parents=True)
+    (directory / "optimizer.bin").write_bytes(b"o" * 1000)
+    (directory / "random_states_0.pkl").write_bytes(b"r" * 100)
+    write_manifest(directory, dataclasses.asdict(config))
+    return directory
+
+
+def test_resume_with_a_changed_config_names_the_keys(tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["--config", "configs/tiny_cpu.yaml", "--output_dir", str(out)]
+    fake_checkpoint(out / "checkpoints" / "step-2", config_from_args([*base, "--lora_rank", "8"]))
+    (out / "config.json").write_text("{}")
+    code, err = run_cli([*base, "--lora_rank", "4", "--method", "raft", "--max_steps", "99",
+                         "--resume_from_checkpoint", "latest"], capsys)
+    assert code == 2 and f"Cannot resume from {out / 'checkpoints' / 'step-2'}" in err
+    assert "lora_rank: 8 in the checkpoint, 4 now" in err and "method: 'adrpo' in the checkpoint, 'raft' now" in err
+    assert "max_steps" not in err  # may change on resume
+    assert (out / "config.json").read_text() == "{}"  # not overwritten
+
+
+def test_incomplete_checkpoints_are_named_and_latest_falls_back(tmp_path):
+    from adrpo_diffusion.checkpoint import CheckpointError, resolve_resume
+
+    cfg = load_config("configs/tiny_cpu.yaml", {"output_dir": str(tmp_path)})
+    config = dataclasses.asdict(cfg)
+    root = tmp_path / "checkpoints"
+    step2, step4 = fake_checkpoint(root / "step-2", cfg), fake_checkpoint(root / "step-4", cfg)
+    assert resolve_resume("latest", root, config) == step4
+    (step4 / "optimizer.bin").write_bytes(b"o" * 10)  # truncated
+    logged = []
+    assert resolve_resume("latest", root, config, logged.append) == step2
+    assert len(logged) == 1 and str(step4 / "optimizer.bin") in logged[0] and "truncated" in logged[0]
+    with pytest.raises(CheckpointError, match="optimizer.bin is truncated"):
+        resolve_resume(str(step4), root, config)
+    (step2 / "random_states_0.pkl").write_bytes(b"x" * 100)  # same size, other content
+    with pytest.raises(CheckpointError, match="no complete checkpoint") as info:
+        resolve_resume("latest", root, config, logged.append)
+    assert "optimizer.bin is truncated" in str(info.value) and "random_states_0.pkl is corrupted" in str(info.value)
+    (step2 / "manifest.json").unlink()  # e.g. a checkpoint of an older version
+    with pytest.raises(CheckpointError, match="step-2/manifest.json is missing"):
+        resolve_resume(str(step2), root, config)
+
+
+def test_ctrl_c_prints_where_to_resume_and_exits_130(tmp_path, monkeypatch, capsys):
+    class Interrupted:
+        def __init__(self, cfg):
+            (tmp_path / "out" / "checkpoints" / "step-20").mkdir(parents=True)
+
+        def train(self):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "Trainer", Interrupted)
+    code, err = run_cli(["--config", "configs/tiny_cpu.yaml", "--output_dir", str(tmp_path / "out"),
+                         "--overwrite_output_dir=true"], capsys)
+    assert code == 130 and "Traceback" not in err
+    assert f"the last checkpoint is {tmp_path / 'out' / 'checkpoints' / 'step-20'}" in err
+    assert (f"adrpo-train --config configs/tiny_cpu.yaml --output_dir {tmp_path / 'out'} --resume_from_checkpoint latest"
+            in err)

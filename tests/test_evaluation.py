@@ -424,7 +424,7 @@ def test_undecodable_image_is_reported_counted_and_left_out(evaluated, tmp_path,
     assert diversity["groups_without_value"] == 1 and "0" not in diversity["per_prompt"]["mini/1"]["per_seed"]
 
 
-def test_scoring_a_folder_of_images(evaluated, tmp_path):
+def test_scoring_a_folder_of_images(evaluated, tmp_path, capsys):
     source, _ = evaluated
     # the generator's own records are sidecars: rescoring its folder gives the same numbers
     assert evaluate_main(["--config", str(TINY_CONFIG), "--images_dir", str(source / "images"),
@@ -450,3 +450,47 @@ def test_scoring_a_folder_of_images(evaluated, tmp_path):
     assert summary["n_prompts"] == 3 and summary["se"] is None
     assert summary["mean"] == pytest.approx(before["models"]["tiny"]["metrics"]["clipscore"]["per_seed"]["0"])
     assert "± n/a" in (tmp_path / "csv" / "table1.md").read_text()
+
+    (folder / "image0.png").write_bytes(b"not an image")  # made elsewhere: nothing to regenerate it from
+    capsys.readouterr()
+    assert evaluate_main(["--config", str(TINY_CONFIG), "--images_dir", str(folder), "--images_prompts",
+                          str(folder / "prompts.csv"), "--output_dir", str(tmp_path / "broken"),
+                          "--metrics", "[clipscore]"]) == 0
+    err = capsys.readouterr().err
+    assert "1 image(s) could not be decoded" in err and "replace them to score them" in err and "regenerate" not in err
+
+
+def test_missing_optional_dependencies_are_reported_before_any_work(prompts_csv, monkeypatch):
+    from adrpo_diffusion.evaluation import config
+
+    monkeypatch.setattr(config, "find_spec", lambda name: None)
+    with pytest.raises(EvalConfigError) as info:
+        load_eval_config(overrides=_config(prompts_csv, metrics=["clipscore", "clipdiversity", "hpsv2"]))
+    message = str(info.value)
+    assert "the reward_vs_diversity.png plot needs matplotlib, which is not installed" in message
+    assert "the hpsv2 metric needs open_clip_torch" in message and 'pip install -e ".[eval]"' in message
+    load_eval_config(overrides=_config(prompts_csv, metrics=["clipscore"]))  # needs neither
+
+
+def test_log_is_short_and_interrupted_temporaries_are_removed(tmp_path, tiny_lora):
+    """Prompts longer than CLIP's 77 tokens: diffusers warns per batch, listing the cut text padded with hundreds of
+    <|endoftext|>; the evaluation shows that once, short. Run as a user does, to see its whole log."""
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "long.csv"
+    prompts.write_text("prompt\n" + "".join(f"A {colour} car parked in front of a very tall building on a rainy evening "
+                                            "in the old part of town with people holding umbrellas walking past it\n"
+                                            for colour in ("red", "blue", "green")))
+    out = tmp_path / "out"
+    orphan = out / "images" / "tiny" / "0" / "mini" / ".tmp-999-0000_0.png"  # left by a killed run
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"partial")
+    done = subprocess.run([sys.executable, "-m", "adrpo_diffusion.evaluation.cli",
+                           *_argv(out, prompts, tiny_lora, metrics=["clipscore"], batch_size=2)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert log.count("can only handle sequences up to 77 tokens") == 1 and "<|endoftext|>" not in log
+    assert len(log) < 15_000, len(log)
+    assert not orphan.exists() and not list(out.rglob(".tmp-*"))

@@ -71,6 +71,24 @@ def test_interrupted_checkpoint_is_never_resumed(tmp_path, tiny_sd3_dir):
     assert resumed.step == 2
 
 
+def test_overwrite_replaces_the_old_run_and_a_truncated_checkpoint_falls_back(tmp_path, tiny_sd3_dir, capsys):
+    Trainer(small_config(tmp_path / "run", max_steps=4, seed=0)).train()  # checkpoints step-2, step-4
+    Trainer(small_config(tmp_path / "run", max_steps=2, seed=1, overwrite_output_dir=True)).train()
+    run = tmp_path / "run"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-2"]  # the old step-4 does not outlive it
+    assert json.loads((run / "config.json").read_text())["seed"] == 1
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+
+    Trainer(small_config(run, max_steps=4, seed=1, resume_from_checkpoint="latest")).train()
+    (run / "checkpoints" / "step-4" / "optimizer.bin").write_bytes(b"")  # e.g. a full disk
+    capsys.readouterr()
+    resumed = Trainer(small_config(run, max_steps=5, seed=1, resume_from_checkpoint="latest"))
+    assert resumed.step == 2
+    assert f"not resuming from {run / 'checkpoints' / 'step-4'}: {run / 'checkpoints' / 'step-4' / 'optimizer.bin'} is " \
+           "truncated" in capsys.readouterr().out
+
+
 def test_exported_lora_loads_in_a_fresh_diffusers_pipeline(tmp_path, tiny_sd3_dir):
     from diffusers import StableDiffusion3Pipeline
 

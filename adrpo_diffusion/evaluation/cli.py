@@ -19,7 +19,7 @@ from .aggregate import aggregate
 from ..scorers.diversity import describe
 from .config import EvalConfig, EvalConfigError, clipdiversity_variant, eval_config_from_args, load_prompt_set
 from .folder import collect_images
-from .generate import LoraMismatchError, generate_images
+from .generate import LoraMismatchError, generate_images, warnings_once
 from .score import score_all
 from .tables import label, plot_reward_vs_diversity, render_csv, render_latex, render_markdown
 
@@ -28,6 +28,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Run the whole evaluation for a validated config and write its outputs; returns the results."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for orphan in out.rglob(".tmp-*"):  # write_atomic's temporaries, left behind by an interrupted run
+        orphan.unlink()
     if cfg.images_dir is not None:
         root = Path(cfg.images_dir)
         records = collect_images(cfg.images_dir, cfg.images_prompts)
@@ -39,8 +41,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     scores = score_all(cfg, records, root)
     if scores.failed:
         path, error = next(iter(scores.failed.items()))
+        fix = "replace them to score them" if cfg.images_dir is not None else "delete them to regenerate them"
         print(f"WARNING: {len(scores.failed)} image(s) could not be decoded and are left out of every metric (listed "
-              f"in results.json; delete them to regenerate), e.g. {root / path}: {error}", file=sys.stderr)
+              f"in results.json; {fix}), e.g. {root / path}: {error}", file=sys.stderr)
     results = aggregate(records, scores, cfg.metrics)
     results["config"] = asdict(cfg)
     write_outputs(results, cfg, out)
@@ -106,7 +109,8 @@ def evaluate_main(argv=None) -> int:
 
     try:
         cfg = eval_config_from_args(argv)
-        evaluate(cfg)
+        with warnings_once():
+            evaluate(cfg)
     except (EvalConfigError, PromptFileError, FileNotFoundError, LoraMismatchError) as err:
         print(f"adrpo-evaluate: error: {err}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ import types
 import typing
 import warnings
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 
 import yaml
@@ -31,6 +32,9 @@ TABLE1_METRICS = ["clipscore", "clipdiversity", "aesthetic", "blipscore", "image
 # options distance, normalize and scale choose the variant (scorers/diversity.py), the others go to the CLIP scorer.
 DERIVED_METRICS = {"clipscore": ("clip", {"clamp_negative": True}), "clipdiversity": ("clip", {})}
 _NAME = re.compile(r"^[A-Za-z0-9][\w.+-]*$")  # model and prompt set names become directory names
+# Optional modules (the eval extra): module -> (pip package, the metric that needs it, what for).
+OPTIONAL_MODULES = {"matplotlib": ("matplotlib", "clipdiversity", "the reward_vs_diversity.png plot"),
+                    "open_clip": ("open_clip_torch", "hpsv2", "the hpsv2 metric")}
 
 
 class EvalConfigError(ValueError):
@@ -251,6 +255,10 @@ def validate(cfg: EvalConfig) -> list[str]:
                 problems.append(f"metric_options.{metric}: {err}")
     if cfg.reward_metric not in cfg.metrics:
         problems.append(f"reward_metric {cfg.reward_metric!r} is not in metrics {cfg.metrics}")
+    for module, (package, metric, purpose) in OPTIONAL_MODULES.items():
+        if metric in cfg.metrics and find_spec(module) is None:
+            problems.append(f"{purpose} needs {package}, which is not installed: pip install -e \".[eval]\" in the "
+                            f"repository (or pip install {package})")
     for name in ("batch_size", "score_batch_size", "resolution", "images_per_prompt"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -393,7 +401,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML config file (see configs/eval_*.yaml).")
     for name, f in FIELDS.items():
-        parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="VALUE", help=f.metadata["help"])
+        # argparse reads help text as a %-format string
+        parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="VALUE",
+                            help=f.metadata["help"].replace("%", "%%"))
     return parser
 
 

@@ -9,9 +9,11 @@ image that looks done, and a rerun generates only what is missing (or what was m
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,6 +76,41 @@ def write_atomic(path: Path, write) -> None:
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     write(tmp)
     os.replace(tmp, path)
+
+
+class _OncePerCause(logging.Filter):
+    """Lets each distinct library warning through once. CLIP's truncation warning, logged per batch with the cut text
+    of every prompt (padded with hundreds of ``<|endoftext|>``), is cut to its cause and shown once for all prompts."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "can only handle sequences up to" in message:
+            message = message.split(":")[0] + " (for some prompts; shown once)"
+            record.msg, record.args = message, ()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+@contextlib.contextmanager
+def warnings_once():
+    """Within the block, diffusers' log shows every warning once (:class:`_OncePerCause`)."""
+    import diffusers  # noqa: F401  (sets up the handler of its log)
+
+    handlers = logging.getLogger("diffusers").handlers
+    once = _OncePerCause()
+    for handler in handlers:
+        handler.addFilter(once)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(once)
 
 
 def load_pipeline(model: ModelSpec, dtype: torch.dtype, device: str):

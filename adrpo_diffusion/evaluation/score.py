@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 from ..scorers import build_scorer
 from ..scorers.diversity import clip_diversity
 from .config import EvalConfig, clipdiversity_variant, metric_scorer
-from .generate import ImageRecord, file_sha1, free_memory
+from .generate import ImageRecord, file_sha1, free_memory, write_atomic
 
 
 @dataclass
@@ -64,9 +63,7 @@ class ScoreCache:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".tmp-{os.getpid()}-{self.path.name}")
-        tmp.write_text(json.dumps({"identity": self.identity, "values": self.values}))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, lambda tmp: tmp.write_text(json.dumps({"identity": self.identity, "values": self.values})))
 
 
 def _decoded_by_size(root: Path, records: list[ImageRecord], failed: dict) -> dict:

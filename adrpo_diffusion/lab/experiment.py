@@ -300,16 +300,15 @@ def run_lab(settings: LabSettings, resume: bool = False) -> dict:
                     trainer = Trainer(load_config(None, values))
                     if results["base"] is None:  # also fixes the probe's W2 inputs, so it runs on resume too
                         results["base"], base_images = probe.measure_base(trainer)
-                        _save_grid(base_images, settings.eval_images, out / "samples_base.png")
-                        _save_grid(data_images(prompts, settings.eval_images),
-                                   settings.eval_images, out / "samples_data.png")
+                        _save_grid(base_images, prompts, out / "samples_base.png")
+                        _save_grid(data_images(prompts, settings.eval_images), prompts, out / "samples_data.png")
                     if end > done:
                         trainer.train()
                         record, images = probe.measure(trainer)
                         records.append({"step": end, **record})
                         _write_json(records_file, records)
                         if end == settings.steps and seed == settings.seeds[0]:
-                            _save_grid(images, settings.eval_images, out / "samples" / f"{slug}.png")
+                            _save_grid(images, prompts, out / "samples" / f"{slug}.png")
                 del trainer
                 gc.collect()
             results["runs"][run.name]["seeds"][str(seed)] = [{"step": 0, **results["base"]}] + records
@@ -332,12 +331,12 @@ def data_images(prompts: list[str], per_prompt: int, seed: int = 0) -> torch.Ten
     return torch.stack([draw_caption(prompt, generator) for prompt in prompts for _ in range(per_prompt)])
 
 
-def _save_grid(images: torch.Tensor, per_prompt: int, path: Path) -> None:
-    """A PNG grid of images in [0, 1] grouped by prompt: four prompts (``4 * per_prompt`` images) per row."""
+def _save_grid(images: torch.Tensor, prompts: list[str], path: Path) -> None:
+    """A PNG grid of images in [0, 1] grouped by prompt: one row per prompt, labelled with it."""
     from ..sampling import image_grid
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, cols=4 * per_prompt).save(path)
+    image_grid(images, cols=len(images) // len(prompts), labels=prompts).save(path)
 
 
 # ----------------------------------------------------------------------------------------------------------

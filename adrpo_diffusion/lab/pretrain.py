@@ -127,7 +127,6 @@ def build_tiny_sd3_shapes(target: str | os.PathLike, seed: int = 0, steps: int =
     """Build, pre-train and save ``builtin:tiny-sd3-shapes`` to ``target`` (atomically)."""
     from ..models import save_pipeline_atomically
 
-    print(f"[tiny-sd3-shapes] building the shapes base model into {target} (once; a few minutes on a CPU)", flush=True)
     pipe = build_untrained_pipeline(seed, vae_steps)
     pretrain_transformer(pipe, steps=steps, seed=seed, log_every=max(1, steps // 6))
     return save_pipeline_atomically(pipe, target)
