@@ -150,7 +150,8 @@ def push(run_dir: str | Path, repo_id: str, private: bool = False, dry_run: bool
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="adrpo-push", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="adrpo-push", description="Publish a training run's LoRA on the Hugging Face "
+                                     "Hub with a model card written from the run; --dry_run writes <run_dir>/hub/ only.")
     parser.add_argument("run_dir", help="A training run's output_dir (pytorch_lora_weights.safetensors, config.json).")
     parser.add_argument("--repo_id", required=True, help="Hub repository, e.g. you/sd3-medium-adrpo.")
     parser.add_argument("--private", action="store_true", help="Create the repository private.")

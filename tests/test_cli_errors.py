@@ -147,6 +147,7 @@ def test_resume_from_a_missing_checkpoint(tmp_path, capsys):
     ("adrpo_diffusion.evaluation.cli", "evaluate_main", "adrpo_diffusion.evaluation.config"),
     ("adrpo_diffusion.benchmark", "main", None),
     ("adrpo_diffusion.lab.experiment", "main", None),
+    ("adrpo_diffusion.hub", "main", None),
 ])
 def test_help_documents_every_key(module, entry, fields, capsys):
     import importlib
