@@ -1,7 +1,11 @@
 """ImageReward and BLIPScore against the original implementation's outputs, on a small random-weight fixture
-(``shared/fixtures/imagereward-tiny``, beside the repository clone; see its README)."""
+(``tests/fixtures/imagereward-tiny``, made by running PyPI ``image-reward`` 1.5 itself; see its README).
+
+``ADRPO_IMAGEREWARD_FIXTURE=DIR`` runs the same tests on another fixture made the same way (for instance the larger
+one in ``shared/fixtures/imagereward-tiny``)."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -11,14 +15,9 @@ from PIL import Image
 
 from adrpo_diffusion.scorers import available_scorers, build_scorer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-FIXTURE = SHARED / "fixtures" / "imagereward-tiny"
+BUNDLED = Path(__file__).resolve().parent / "fixtures" / "imagereward-tiny"
+FIXTURE = Path(os.environ.get("ADRPO_IMAGEREWARD_FIXTURE") or BUNDLED)
 CHECKPOINTS = {"imagereward": FIXTURE / "ImageReward.pt", "blipscore": FIXTURE / "model_large.pth"}
-
-pytestmark = pytest.mark.skipif(
-    not SHARED.is_dir(), reason=f"{SHARED} is absent: the ImageReward/BLIPScore fixture lives in the shared/ folder "
-    "beside the repository clone"
-)
 
 
 def fixture_options(**overrides) -> dict:
@@ -40,6 +39,15 @@ def scorer(request):
 
 def test_registered():
     assert {"imagereward", "blipscore"} <= set(available_scorers())
+
+
+def test_bundled_fixture_coverage(expected):
+    """The bundled fixture keeps what makes it a test: the real vocabulary, a truncated prompt, every image used."""
+    if FIXTURE != BUNDLED:
+        pytest.skip(f"coverage checks are for the bundled fixture, not {FIXTURE}")
+    assert json.loads((FIXTURE / "med_config.json").read_text())["vocab_size"] == 30524
+    assert any(all(row["input_ids"]) for row in expected)  # 35 tokens, no padding: truncated
+    assert {row["image"] for row in expected} == {path.name for path in (FIXTURE / "images").glob("*.png")}
 
 
 def test_reproduces_original_scores(scorer, expected):
@@ -92,3 +100,13 @@ def test_missing_files_offline(monkeypatch, tmp_path, name, option):
     del options[option]  # back to the default: a hub id or URL, not cached here (tests run offline)
     with pytest.raises(FileNotFoundError, match=rf"pass its local path with the '{option}' option"):
         build_scorer(name, **options)
+
+
+@pytest.mark.parametrize("height, width", [(224, 224), (224, 227), (224, 225), (229, 224), (327, 224), (224, 300)])
+def test_center_crop_matches_torchvision(height, width):
+    """The original crops with torchvision's CenterCrop: round(margin / 2), half to even (margin 3: offset 2, 5: 2)."""
+    functional = pytest.importorskip("torchvision.transforms.functional", reason="torchvision is not installed")
+    from adrpo_diffusion.scorers.blip import center_crop
+
+    pixels = torch.arange(3 * height * width, dtype=torch.float32).reshape(1, 3, height, width)
+    assert torch.equal(center_crop(pixels, 224), functional.center_crop(pixels, [224, 224]))

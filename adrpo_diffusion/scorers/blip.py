@@ -14,8 +14,8 @@ Prompts are tokenized as the original does: bert-base-uncased WordPiece, ``[CLS]
 to 35 tokens. ImageReward's ``score`` keeps [CLS] first even in the cross-attending pass (BLIP's ITM head swaps
 in ``[ENC]``; ImageReward does not, and its reference scores only match with [CLS]). Images go through CLIP's
 preprocessing (shorter side to 224 bicubic, centre crop, CLIP mean/std) on uint8 pixels, as the original applies
-it to PIL images; one difference: when the crop margin is odd, transformers floors the offset where torchvision
-rounds it, which can shift the crop by one pixel (never for square images).
+it to PIL images. The crop offset is torchvision's ``round(margin / 2)`` (half to even), not transformers' floor:
+they differ by a pixel when the margin is 3 mod 4, e.g. for 1216x832 images (resized to 327x224).
 """
 
 from __future__ import annotations
@@ -68,6 +68,13 @@ def blip_tokenizer(vocab_path: str):
     tokenizer = BertTokenizer(vocab=vocab_path)
     tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
     return tokenizer
+
+
+def center_crop(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """The central ``size`` x ``size`` of ``(..., H, W)`` (both at least ``size``), offset as torchvision's
+    ``CenterCrop`` (the original's) places it: ``round((H - size) / 2)`` with Python's half-to-even rounding."""
+    top, left = (round((dim - size) / 2) for dim in pixels.shape[-2:])
+    return pixels[..., top : top + size, left : left + size]
 
 
 def map_checkpoint(state: dict, rules, ignore, module: nn.Module, source: str) -> dict:
@@ -177,8 +184,9 @@ class _BlipScorer(Scorer):
         self.model.load_state_dict(map_checkpoint(state, self.rules, self.ignored, self.model, checkpoint_path))
         self.model.to(self.device, self.dtype).eval().requires_grad_(False)
 
-        size = vision.config.image_size
-        self.processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        self.image_size = vision.config.image_size
+        # Resize and normalise only; _pixels crops as the original does.
+        self.processor = CLIPImageProcessorPil(size={"shortest_edge": self.image_size}, do_center_crop=False)
 
     def _state_and_heads(self, loaded) -> tuple[dict, dict[str, nn.Module]]:
         raise NotImplementedError
@@ -192,7 +200,7 @@ class _BlipScorer(Scorer):
         # The original preprocesses uint8 PIL images; rounding back to uint8 reproduces it exactly for PIL input.
         pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
         inputs = self.processor(images=list(pixels), input_data_format="channels_first", return_tensors="pt")
-        return inputs["pixel_values"].to(self.device, self.dtype)
+        return center_crop(inputs["pixel_values"], self.image_size).to(self.device, self.dtype)
 
     def _tokens(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=TEXT_MAX_LENGTH,
