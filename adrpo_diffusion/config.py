@@ -41,7 +41,11 @@ class TrainConfig:
                                       "BENCHMARKS.md; about a minute of compilation at start).")
     compile_backend: str = _f("inductor", "torch.compile backend for compile_sampler.")
     # --- prompts and rollouts
-    prompt_file: str = _f("prompts/drawbench.csv", "Prompts: .txt (one per line), .csv/.tsv (a 'prompt' column) or .jsonl.")
+    prompt_file: str | list = _f("prompts/drawbench.csv", "Prompts: .txt (one per line), .csv/.tsv (a 'prompt' column) or "
+                                                      ".jsonl; or a list of such files, e.g. '[a.csv, b.txt]'.")
+    heldout_fraction: float = _f(0.0, "Leave this fraction of the prompts out of training, chosen by a hash of each "
+                                      "prompt's text (prompts.is_heldout); adrpo-evaluate with the same "
+                                      "heldout_fraction evaluates only those. 0: train on every prompt.")
     prompts_per_step: int = _f(8, "P: prompts drawn per iteration (over all processes).")
     images_per_prompt: int = _f(4, "K: images sampled per prompt from the current policy; the group for the baseline.")
     num_inference_steps: int = _f(20, "ODE (Euler) steps per rollout.")
@@ -128,7 +132,7 @@ def _coerce(name: str, value):
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{name} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{name} must be {getattr(kind, '__name__', kind)}, got {value!r} ({type(value).__name__})")
     return value
 
 
@@ -177,6 +181,10 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"learning_rate must be > 0, got {cfg.learning_rate}")
     if cfg.resolution % 16:
         problems.append(f"resolution must be a multiple of 16, got {cfg.resolution}")
+    if not 0 <= cfg.heldout_fraction < 1:
+        problems.append(f"heldout_fraction must be in [0, 1), got {cfg.heldout_fraction}")
+    if isinstance(cfg.prompt_file, list) and not (cfg.prompt_file and all(isinstance(f, str) for f in cfg.prompt_file)):
+        problems.append(f"prompt_file must be a file or a non-empty list of files, got {cfg.prompt_file}")
     if not all(isinstance(s, int) for s in cfg.eval_seeds):
         problems.append(f"eval_seeds must be a list of integers, got {cfg.eval_seeds}")
     if problems:

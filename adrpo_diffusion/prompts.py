@@ -1,9 +1,12 @@
-"""Prompt files (plain text, CSV with a ``prompt`` column, JSONL) and a resumable prompt sampler."""
+"""Prompt files (plain text, CSV with a ``prompt`` column, JSONL), the train / held-out split, and a resumable prompt
+sampler."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -13,9 +16,14 @@ class PromptFileError(ValueError):
     pass
 
 
-def load_prompts(path: str | Path) -> list[str]:
+def load_prompts(path: str | Path | list) -> list[str]:
     """Read prompts from ``.txt`` (one per line, ``#`` comments), ``.csv``/``.tsv`` (a ``prompt`` column) or
-    ``.jsonl`` (objects with a ``prompt`` field). Raises :class:`PromptFileError` naming the file and line."""
+    ``.jsonl`` (objects with a ``prompt`` field); a list of files gives their prompts one file after the other.
+    Raises :class:`PromptFileError` naming the file and line."""
+    if isinstance(path, (list, tuple)):
+        if not path:
+            raise PromptFileError("The list of prompt files is empty; name at least one.")
+        return [prompt for one in path for prompt in load_prompts(one)]
     path = Path(path)
     if not path.is_file():
         raise PromptFileError(f"Prompt file {path} does not exist.")
@@ -45,6 +53,24 @@ def load_prompts(path: str | Path) -> list[str]:
     prompts = [p for p in prompts if p]
     if not prompts:
         raise PromptFileError(f"{path} contains no prompts.")
+    return prompts
+
+
+def is_heldout(prompt: str, fraction: float) -> bool:
+    """Whether ``prompt`` belongs to the held-out split that holds about ``fraction`` of all prompts. Decided by a
+    hash of the prompt's words alone (case, spacing and punctuation ignored), not by its file or position: the split is the same
+    in every run, file list and package version; a prompt found in two files falls on the same side both times;
+    the train and held-out splits of one fraction are disjoint, and a larger fraction holds out a superset."""
+    digest = hashlib.sha256(" ".join(re.findall(r"\w+", prompt.lower())).encode()).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+def training_prompts(path: str | Path | list, heldout_fraction: float) -> list[str]:
+    """The prompts of ``path`` (a file or a list of files) outside the held-out split of ``heldout_fraction``."""
+    prompts = [prompt for prompt in load_prompts(path) if not is_heldout(prompt, heldout_fraction)]
+    if not prompts:
+        raise PromptFileError(f"Every prompt of {path} is in the held-out split (heldout_fraction "
+                              f"{heldout_fraction}); lower heldout_fraction or add prompts.")
     return prompts
 
 

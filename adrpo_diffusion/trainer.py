@@ -28,7 +28,7 @@ from .config import TrainConfig
 from .families import ModelFamily, adapters_off, check_model_source, load_family
 from .losses import sample_times
 from .methods import Method, build_method
-from .prompts import PromptSampler, load_prompts
+from .prompts import PromptSampler, training_prompts
 from .scorers import build_scorer, check_scorer
 from .utils import image_grid, mean_and_se
 
@@ -76,7 +76,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         # Everything that can fail without a model, first.
-        self.prompts = load_prompts(cfg.prompt_file)
+        self.prompts = training_prompts(cfg.prompt_file, cfg.heldout_fraction)
         check_scorer(cfg.reward, cfg.reward_options, self.prompts)
         check_model_source(cfg.pretrained_model)
         self.output_dir = Path(cfg.output_dir)

@@ -93,6 +93,17 @@ def test_bad_prompt_files(tmp_path, name, content, message, capsys):
     assert code == 2 and message in err
 
 
+def test_prompt_file_list_and_heldout_fraction(capsys):
+    cfg = config_from_args(["--config", "configs/tiny_cpu.yaml", "--prompt_file", "[prompts/colors.txt, prompts/colors.txt]",
+                            "--heldout_fraction", "0.25"])
+    assert cfg.prompt_file == ["prompts/colors.txt"] * 2 and cfg.heldout_fraction == 0.25
+    for flag, value, message in [("--heldout_fraction", "1", "heldout_fraction must be in [0, 1), got 1.0"),
+                                 ("--prompt_file", "[]", "prompt_file must be a file or a non-empty list of files"),
+                                 ("--prompt_file", "7", "prompt_file must be str | list, got 7")]:
+        code, err = run_cli(["--config", "configs/tiny_cpu.yaml", flag, value], capsys)
+        assert code == 2 and message in err, err
+
+
 def test_prompts_the_reward_cannot_score(tmp_path, capsys):
     (tmp_path / "p.txt").write_text("a red apple\na tall tree\n")
     code, err = run_cli(["--config", "configs/tiny_cpu.yaml", "--prompt_file", str(tmp_path / "p.txt")], capsys)
@@ -136,6 +147,7 @@ def test_resume_from_a_missing_checkpoint(tmp_path, capsys):
     ("adrpo_diffusion.evaluation.cli", "evaluate_main", "adrpo_diffusion.evaluation.config"),
     ("adrpo_diffusion.benchmark", "main", None),
     ("adrpo_diffusion.lab.experiment", "main", None),
+    ("adrpo_diffusion.hub", "main", None),
 ])
 def test_help_documents_every_key(module, entry, fields, capsys):
     import importlib

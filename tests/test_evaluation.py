@@ -128,6 +128,48 @@ def test_unknown_metric_and_unknown_keys_name_the_valid_ones(prompts_csv):
         load_eval_config(overrides=_config(prompts_csv, images_per_prompt=1))
 
 
+def test_heldout_fraction_evaluates_only_prompts_a_run_with_it_never_trained_on(tmp_path):
+    from adrpo_diffusion.evaluation.config import load_prompt_set
+    from adrpo_diffusion.prompts import training_prompts
+
+    files = ["prompts/drawbench.csv", "prompts/styles.txt", "prompts/compositional.txt"]
+    prompt_sets = [{"name": Path(f).stem, "file": f} for f in files]
+    cfg = load_eval_config(overrides=_config(tmp_path / "p.csv", prompt_sets=prompt_sets, heldout_fraction=0.25))
+    evaluated = [e for s in cfg.prompt_sets for e in load_prompt_set(s, heldout_fraction=cfg.heldout_fraction)]
+    trained = training_prompts(files, 0.25)
+    assert len(evaluated) + len(trained) == 330 and not {e.prompt for e in evaluated} & set(trained)
+    drawbench = [e for e in evaluated if e.prompt_set == "drawbench"]
+    assert len({e.category for e in drawbench}) == 11  # every DrawBench category keeps held-out prompts
+    assert drawbench[0].index == 10 and drawbench[0].prompt == "A black colored sandwich."  # its row in the file
+    # max_prompts_per_set: evenly spaced through the held-out prompts
+    assert load_prompt_set(cfg.prompt_sets[0], 4, 0.25) == [drawbench[i * len(drawbench) // 4] for i in range(4)]
+    with pytest.raises(EvalConfigError, match=r"heldout_fraction must be in \[0, 1\)"):
+        load_eval_config(overrides=_config(tmp_path / "p.csv", prompt_sets=prompt_sets, heldout_fraction=1.0))
+
+
+def test_table1_config_compares_every_method_trained_as_documented_with_its_training_sampler():
+    """configs/eval_table1.yaml against configs/sd3_medium_80gb.yaml (both read, not validated: no hub offline)."""
+    from adrpo_diffusion.config import load_config
+    from adrpo_diffusion.methods import available_methods
+
+    table = yaml.safe_load((REPO / "configs" / "eval_table1.yaml").read_text())
+    train = load_config(REPO / "configs" / "sd3_medium_80gb.yaml")
+    sd3 = [m for m in table["models"] if m["base"] == train.pretrained_model]
+    assert sorted(m.get("lora") for m in sd3 if m.get("lora")) == sorted(
+        f"outputs/sd3-medium-{method}-80gb" for method in available_methods())  # the documented loop's dirs
+    assert train.output_dir == "outputs/sd3-medium-adrpo-80gb" and train.method == "adrpo"
+    for model in sd3:
+        assert (model["resolution"], model["num_inference_steps"], model["guidance_scale"]) == (
+            train.resolution, train.num_inference_steps, train.guidance_scale), model["name"]
+    others = {m["name"]: m["base"] for m in table["models"] if m not in sd3}
+    assert others == {"FLUX.1-dev": "black-forest-labs/FLUX.1-dev",
+                      "SANA-1.5-4.8B": "Efficient-Large-Model/SANA1.5_4.8B_1024px_diffusers"}
+    assert table["heldout_fraction"] == train.heldout_fraction > 0
+    assert sorted(s["file"] for s in table["prompt_sets"]) == sorted(train.prompt_file)
+    assert table["metrics"] == METRICS and table["metric_options"]["clipdiversity"] == {"distance": "l2",
+                                                                                        "normalize": False}
+
+
 def test_empty_prompt_set_and_missing_lora_are_reported_together(prompts_csv, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("# only a comment\n")
@@ -310,6 +352,52 @@ def test_rerun_regenerates_and_rescores_only_what_is_missing(evaluated, tmp_path
     for metric in METRICS:
         assert after["models"]["tiny"]["metrics"][metric]["mean"] == pytest.approx(
             before["models"]["tiny"]["metrics"][metric]["mean"], rel=1e-4, abs=1e-6)
+
+
+def test_each_model_samples_at_its_own_resolution_and_a_lora_row_is_checked_against_its_training(
+        tmp_path, prompts_csv, tiny_lora):
+    lora = tmp_path / "run"
+    shutil.copytree(tiny_lora, lora)
+    (lora / "config.json").write_text(json.dumps({"resolution": 32, "num_inference_steps": 4, "guidance_scale": 4.5}))
+    sampling = {"num_inference_steps": 4, "guidance_scale": 1.0, "call_kwargs": {"max_sequence_length": 8}}
+    models = [{"name": "tiny", "base": "builtin:tiny-sd3", "resolution": 16, **sampling},
+              {"name": "tiny+lora", "base": "builtin:tiny-sd3", "lora": str(lora), **sampling}]
+    with pytest.warns(UserWarning, match=r"'tiny\+lora' samples otherwise than its LoRA's training run: "
+                                         r"guidance_scale 1.0 \(trained with 4.5\)$"):
+        argv = _argv(tmp_path / "out", prompts_csv, lora, models=models, max_prompts_per_set=1, seeds=[0],
+                     metrics=["clipscore"])
+        assert evaluate_main(argv) == 0
+    images = tmp_path / "out" / "images"
+    assert Image.open(images / "tiny" / "0" / "mini" / "0000_0.png").size == (16, 16)
+    assert Image.open(images / "tiny+lora" / "0" / "mini" / "0000_0.png").size == (32, 32)  # the config's
+    assert json.loads((images / "tiny" / "0" / "mini" / "0000_0.json").read_text())["settings"]["resolution"] == 16
+
+
+@pytest.mark.parametrize("variant,by_hand", [
+    ({}, lambda a, b: np.linalg.norm(a - b)),  # the default: L2 between unnormalised embeddings
+    ({"normalize": True}, lambda a, b: np.linalg.norm(a / np.linalg.norm(a) - b / np.linalg.norm(b))),
+    ({"distance": "cosine", "scale": 100}, lambda a, b: 100 * (1 - a @ b / np.linalg.norm(a) / np.linalg.norm(b))),
+])
+def test_clipdiversity_variant_is_chosen_in_the_config(evaluated, tmp_path, tiny_lora, variant, by_hand):
+    from adrpo_diffusion.scorers import build_scorer
+
+    source, prompts_csv = evaluated
+    out = tmp_path / "out"
+    shutil.copytree(source, out)
+    metric_options = {**yaml.safe_load(TINY_CONFIG.read_text())["metric_options"]}
+    metric_options["clipdiversity"] = {**metric_options["clipdiversity"], **variant}
+    argv = _argv(out, prompts_csv, tiny_lora, metrics=["clipscore", "clipdiversity"], metric_options=metric_options)
+    assert evaluate_main(argv) == 0
+
+    cfg = load_eval_config(TINY_CONFIG, _overrides(out, prompts_csv, tiny_lora, metric_options=metric_options))
+    clip = build_scorer("clip", model=cfg.metric_options["clipdiversity"]["model"], device="cpu")
+    images = [Image.open(out / "images" / "tiny" / "1" / "mini" / f"0002_{k}.png") for k in (0, 1)]
+    a, b = clip.image_embeddings(images).double().numpy()
+    value = _results(out)["models"]["tiny"]["metrics"]["clipdiversity"]["per_prompt"]["mini/2"]["per_seed"]["1"]
+    assert value == pytest.approx(by_hand(a, b), rel=1e-5)
+    with pytest.raises(EvalConfigError, match=r"metric_options.clipdiversity: distance must be 'cosine' or 'l2'"):
+        load_eval_config(TINY_CONFIG, _overrides(out, prompts_csv, tiny_lora,
+                                                 metric_options={"clipdiversity": {"distance": "manhattan"}}))
 
 
 def test_undecodable_image_is_reported_counted_and_left_out(evaluated, tmp_path, tiny_lora, capsys):

@@ -2,7 +2,9 @@ import json
 
 import pytest
 
-from adrpo_diffusion.prompts import PromptFileError, PromptSampler, load_prompts
+from adrpo_diffusion.prompts import PromptFileError, PromptSampler, is_heldout, load_prompts, training_prompts
+
+SHIPPED = ["prompts/drawbench.csv", "prompts/styles.txt", "prompts/compositional.txt"]
 
 
 def test_prompt_file_formats(tmp_path):
@@ -22,6 +24,31 @@ def test_shipped_prompt_files_parse():
     assert len(load_prompts(root / "drawbench.csv")) == 200
     assert len(load_prompts(root / "styles.txt")) >= 20
     assert len(load_prompts(root / "colors.txt")) >= 8
+    assert len(load_prompts(root / "compositional.txt")) == 100
+
+
+def test_a_list_of_prompt_files_is_read_in_order(tmp_path):
+    (tmp_path / "a.txt").write_text("one\ntwo\n")
+    (tmp_path / "b.csv").write_text("prompt\nthree\n")
+    assert load_prompts([tmp_path / "a.txt", str(tmp_path / "b.csv")]) == ["one", "two", "three"]
+    with pytest.raises(PromptFileError, match="list of prompt files is empty"):
+        load_prompts([])
+    with pytest.raises(PromptFileError, match="nope.txt does not exist"):
+        load_prompts([tmp_path / "a.txt", tmp_path / "nope.txt"])
+
+
+def test_heldout_split_is_disjoint_stable_and_nested():
+    prompts = load_prompts(SHIPPED)
+    train = training_prompts(SHIPPED, 0.25)
+    heldout = [p for p in prompts if is_heldout(p, 0.25)]
+    assert not set(train) & set(heldout) and sorted(train + heldout) == sorted(prompts)
+    # stable: pinned, so a change of the hash (which would silently mix trained and evaluated prompts) fails here
+    assert len(heldout) == 84 and heldout[:2] == ["A black colored sandwich.", "A red car and a white sheep."]
+    assert is_heldout("a red  CAR and a white sheep", 0.25)  # case, spacing and punctuation do not matter
+    assert set(heldout) <= {p for p in prompts if is_heldout(p, 0.5)}  # a larger fraction: a superset
+    assert training_prompts(SHIPPED, 0.0) == prompts
+    with pytest.raises(PromptFileError, match="held-out split"):
+        training_prompts("prompts/colors.txt", 0.999999)
 
 
 @pytest.mark.parametrize(

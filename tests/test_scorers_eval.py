@@ -187,21 +187,35 @@ def test_clip_diversity_matches_brute_force(distance, normalize, scale):
     rng = np.random.default_rng(4)
     embeddings = rng.normal(size=(12, 8)) * rng.uniform(0.5, 3.0, size=(12, 1))  # assorted norms
     group_ids = ["a", "b", "c"] * 2 + ["b", "c", "c", "c", "c", "a"]  # interleaved groups of 3, 3 and 6
-    value = clip_diversity(torch.tensor(embeddings, dtype=torch.float32), group_ids, distance, normalize, scale)
+    value = clip_diversity(torch.tensor(embeddings, dtype=torch.float32), group_ids, distance=distance,
+                           normalize=normalize, scale=scale)
     assert value == pytest.approx(_diversity_by_hand(embeddings, group_ids, distance, normalize, scale), rel=1e-5)
+
+
+def test_clip_diversity_variants_by_hand():
+    """Two images with embeddings (3, 4) and (8, 6): norms 5 and 10, cos = (24 + 24) / 50 = 0.96."""
+    pair = np.array([[3.0, 4.0], [8.0, 6.0]])
+    assert clip_diversity(pair, [0, 0]) == pytest.approx(np.sqrt(5**2 + 2**2))  # default: unnormalised L2
+    assert clip_diversity(pair, [0, 0], normalize=True) == pytest.approx(np.sqrt(2 * (1 - 0.96)))
+    assert clip_diversity(pair, [0, 0], distance="cosine") == pytest.approx(0.04)
+    assert clip_diversity(pair, [0, 0], distance="cosine", scale=100) == pytest.approx(4.0)
 
 
 def test_clip_diversity_edge_cases():
     same = np.ones((4, 5))
     assert clip_diversity(same, [0, 0, 1, 1]) == pytest.approx(0.0, abs=1e-12)
     opposite = np.array([[1.0, 0.0], [-1.0, 0.0]])
-    assert clip_diversity(opposite, [7, 7]) == pytest.approx(2.0)
+    assert clip_diversity(opposite, [7, 7], distance="cosine") == pytest.approx(2.0)
     with pytest.raises(ValueError, match="at least 2 images"):
         clip_diversity(np.eye(3), [0, 0, 1])
     with pytest.raises(ValueError, match="group ids"):
         clip_diversity(np.eye(3), [0, 0])
     with pytest.raises(ValueError, match="distance"):
         clip_diversity(np.eye(2), [0, 0], distance="manhattan")
+    with pytest.raises(ValueError, match=r"Unknown ClipDiversity option\(s\) \['normalise'\]"):
+        clip_diversity(np.eye(2), [0, 0], normalise=False)
+    with pytest.raises(ValueError, match="scale must be a number > 0"):
+        clip_diversity(np.eye(2), [0, 0], scale=0)
 
 
 def test_missing_local_files_are_named(tiny_clip_dir, tmp_path):

@@ -16,7 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .aggregate import aggregate
-from .config import EvalConfig, EvalConfigError, eval_config_from_args, load_prompt_set
+from ..scorers.diversity import describe
+from .config import EvalConfig, EvalConfigError, clipdiversity_variant, eval_config_from_args, load_prompt_set
 from .folder import collect_images
 from .generate import LoraMismatchError, generate_images, warnings_once
 from .score import score_all
@@ -35,7 +36,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     else:
         root = out / "images"
         prompts = [entry for prompt_set in cfg.prompt_sets
-                   for entry in load_prompt_set(prompt_set, cfg.max_prompts_per_set)]
+                   for entry in load_prompt_set(prompt_set, cfg.max_prompts_per_set, cfg.heldout_fraction)]
         records = generate_images(cfg, prompts, root)
     scores = score_all(cfg, records, root)
     if scores.failed:
@@ -68,6 +69,8 @@ def _markdown(results: dict, cfg: EvalConfig) -> str:
         lines.append(f"Mean ± standard error over {first['n_seeds']} seed(s) (sample std of the per-seed means / "
                      f"sqrt(seeds); n/a with one seed) of the per-seed mean over {first['n_prompts']} prompts. All "
                      "metrics are higher-is-better: **best**, <u>second best</u>.")
+    if "clipdiversity" in metrics:
+        lines.append(f"ClipDiversity: {describe(**clipdiversity_variant(cfg.metric_options.get('clipdiversity', {})))}.")
     lines += ["", render_markdown(_rows(results), metrics)]
     failed = {m: e["failed_images"] for m, e in results["models"].items() if e["failed_images"]}
     if failed:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
@@ -16,15 +18,18 @@ from pathlib import Path
 import yaml
 
 from ..checkpoint import LORA_WEIGHTS_NAME
-from ..prompts import PromptFileError, load_prompts
 from ..builtin import is_builtin, resolve_asset
+from ..prompts import PromptFileError, is_heldout, load_prompts
 from ..scorers import available_scorers, check_scorer
+from ..scorers.diversity import DEFAULT_OPTIONS as DIVERSITY_DEFAULTS
+from ..scorers.diversity import diversity_options
 from ..utils import load_yaml_mapping, unknown_keys_message
 
 # Table 1 of the paper, in its column order.
 TABLE1_METRICS = ["clipscore", "clipdiversity", "aesthetic", "blipscore", "imagereward", "pickscore"]
 # Metrics that are not a registry scorer used as is: metric -> (scorer name, fixed scorer options).
-# ClipScore follows torchmetrics: 100 * max(cos, 0). ClipDiversity uses the CLIP scorer's image embeddings.
+# ClipScore follows torchmetrics: 100 * max(cos, 0). ClipDiversity uses the CLIP scorer's image embeddings; its
+# options distance, normalize and scale choose the variant (scorers/diversity.py), the others go to the CLIP scorer.
 DERIVED_METRICS = {"clipscore": ("clip", {"clamp_negative": True}), "clipdiversity": ("clip", {})}
 _NAME = re.compile(r"^[A-Za-z0-9][\w.+-]*$")  # model and prompt set names become directory names
 # Optional modules (the eval extra): module -> (pip package, the metric that needs it, what for).
@@ -55,6 +60,7 @@ class ModelSpec:
     lora: str | None = _f(None, "Directory holding pytorch_lora_weights.safetensors (as adrpo-train writes).")
     pipeline: str = _f("auto", "auto (the family is read from the pipeline's model_index.json) or a family's pipeline "
                                "class: StableDiffusion3Pipeline, FluxPipeline, SanaPipeline.")
+    resolution: int | None = _f(None, "Image height and width in pixels for this model; null: the config's resolution.")
     num_inference_steps: int = _f(28, "Sampler steps.")
     guidance_scale: float = _f(7.0, "Guidance scale (classifier-free; FLUX.1-dev's is its distilled guidance).")
     call_kwargs: dict = field(default_factory=dict, metadata={
@@ -85,14 +91,18 @@ class EvalConfig:
                               metadata={"help": "Prompt sets: list of {name, file}."})
     max_prompts_per_set: int | None = _f(None, "Keep this many prompts of each set, evenly spaced through the file "
                                                "(so DrawBench keeps every category); null: all.")
+    heldout_fraction: float = _f(0.0, "Evaluate only the prompts in the held-out split of this fraction "
+                                      "(prompts.is_heldout): set it to the training runs' heldout_fraction and no "
+                                      "evaluated prompt was trained on. 0: every prompt.")
     images_per_prompt: int = _f(4, "K: images per (model, seed, prompt); ClipDiversity compares these K images.")
     seeds: list = field(default_factory=lambda: [0, 1, 2], metadata={
         "help": "Evaluation seeds; mean and standard error are taken over seeds."})
-    resolution: int = _f(1024, "Image height and width in pixels.")
+    resolution: int = _f(1024, "Image height and width in pixels of the models that set no resolution of their own.")
     metrics: list = field(default_factory=lambda: list(TABLE1_METRICS), metadata={
         "help": f"Metrics, all higher-is-better: {', '.join(TABLE1_METRICS)}, or any registered scorer name (e.g. hpsv2)."})
     metric_options: dict = field(default_factory=dict, metadata={
-        "help": "Per-metric scorer options, e.g. {pickscore: {model: /models/PickScore_v1}}. "
+        "help": "Per-metric scorer options, e.g. {pickscore: {model: /models/PickScore_v1}}; clipdiversity also "
+                "takes distance (l2, cosine), normalize and scale (default: L2 between unnormalised embeddings). "
                 "'builtin:tiny-scorers/<name>' names a tiny random asset built into the cache."})
     reward_metric: str = _f("clipscore", "The y axis of reward_vs_diversity.png (x is clipdiversity).")
     output_dir: str = _f("outputs/eval", "Images, score caches, tables and results.json go here.")
@@ -181,6 +191,9 @@ def load_eval_config(path: str | Path | None = None, overrides: dict | None = No
     if cfg is None:
         raise EvalConfigError(header + "\n  ".join(problems))
     cfg.models = [_typed(ModelSpec, m, f"models[{i}]", problems) for i, m in enumerate(cfg.models)]
+    for model in cfg.models:
+        if model is not None and model.resolution is None:
+            model.resolution = cfg.resolution
     cfg.prompt_sets = [_typed(PromptSet, s, f"prompt_sets[{i}]", problems) for i, s in enumerate(cfg.prompt_sets)]
     if not problems:
         problems = validate(cfg)
@@ -208,7 +221,14 @@ def resolve_builtin_assets(metric_options: dict) -> dict:
 def metric_scorer(metric: str, options: dict) -> tuple[str, dict]:
     """The registry scorer name and options that compute ``metric``."""
     name, fixed = DERIVED_METRICS.get(metric, (metric, {}))
+    if metric == "clipdiversity":
+        options = {k: v for k, v in options.items() if k not in DIVERSITY_DEFAULTS}
     return name, {**options, **fixed}
+
+
+def clipdiversity_variant(options: dict) -> dict:
+    """ClipDiversity's ``distance``, ``normalize`` and ``scale`` from its metric options, defaults filled in."""
+    return diversity_options(**{k: v for k, v in options.items() if k in DIVERSITY_DEFAULTS})
 
 
 def validate(cfg: EvalConfig) -> list[str]:
@@ -228,6 +248,8 @@ def validate(cfg: EvalConfig) -> list[str]:
         else:
             try:
                 check_scorer(*metric_scorer(metric, options))
+                if metric == "clipdiversity":
+                    clipdiversity_variant(options)
             except ValueError as err:
                 problems.append(f"metric_options.{metric}: {err}")
     if cfg.reward_metric not in cfg.metrics:
@@ -242,6 +264,8 @@ def validate(cfg: EvalConfig) -> list[str]:
     if "clipdiversity" in cfg.metrics and cfg.images_per_prompt < 2 and cfg.images_dir is None:
         problems.append(f"clipdiversity compares the K images of a prompt: images_per_prompt must be >= 2, "
                         f"got {cfg.images_per_prompt}")
+    if not 0 <= cfg.heldout_fraction < 1:
+        problems.append(f"heldout_fraction must be in [0, 1), got {cfg.heldout_fraction}")
     if cfg.max_prompts_per_set is not None and cfg.max_prompts_per_set < 1:
         problems.append(f"max_prompts_per_set must be >= 1 or null, got {cfg.max_prompts_per_set}")
     if not cfg.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in cfg.seeds):
@@ -271,7 +295,9 @@ def validate(cfg: EvalConfig) -> list[str]:
         if not _NAME.match(prompt_set.name):
             problems.append(f"Prompt set name {prompt_set.name!r} must be letters, digits, . _ + - (a directory name)")
         try:
-            load_prompts(prompt_set.file)
+            if not load_prompt_set(prompt_set, heldout_fraction=cfg.heldout_fraction):
+                problems.append(f"prompt set {prompt_set.name!r}: none of its prompts is in the held-out split of "
+                                f"heldout_fraction {cfg.heldout_fraction}")
         except PromptFileError as err:
             problems.append(f"prompt set {prompt_set.name!r}: {err}")
     return problems
@@ -303,6 +329,8 @@ def _validate_models(models: list[ModelSpec]) -> list[str]:
             problems.append(f"Model name {model.name!r} must be letters, digits, . _ + - (it is a directory name)")
         if model.num_inference_steps < 1:
             problems.append(f"model {model.name!r}: num_inference_steps must be >= 1")
+        if model.resolution is not None and model.resolution < 1:
+            problems.append(f"model {model.name!r}: resolution must be >= 1")
         classes = [cls.pipeline_class for cls in FAMILIES.values()]
         if model.pipeline != "auto" and model.pipeline not in classes:
             problems.append(f"model {model.name!r}: pipeline {model.pipeline!r} is not a supported family's pipeline "
@@ -311,6 +339,8 @@ def _validate_models(models: list[ModelSpec]) -> list[str]:
             check_model_source(model.base, option=f"models[{model.name}].base:")
         except (FileNotFoundError, ValueError) as err:
             problems.append(f"model {model.name!r}: base: {err}")
+        if model.lora is not None and (Path(model.lora) / "config.json").is_file():
+            _warn_if_not_trained_so(model)
         if model.lora is not None and not (Path(model.lora) / LORA_WEIGHTS_NAME).is_file():
             problems.append(
                 f"model {model.name!r}: LoRA directory {model.lora} has no {LORA_WEIGHTS_NAME}. adrpo-train writes it "
@@ -320,9 +350,22 @@ def _validate_models(models: list[ModelSpec]) -> list[str]:
     return problems
 
 
-def load_prompt_set(prompt_set: PromptSet, max_prompts: int | None = None) -> list[PromptEntry]:
-    """The prompts of a set with their file index and category (a CSV/TSV ``category`` column, else None);
-    ``max_prompts`` keeps that many, evenly spaced through the file."""
+def _warn_if_not_trained_so(model: ModelSpec) -> None:
+    """Warn when a LoRA row samples otherwise than its training run did (the run's config.json): a LoRA is best
+    judged with the sampler it was trained with."""
+    trained = json.loads((Path(model.lora) / "config.json").read_text())
+    differences = [f"{key} {getattr(model, key)} (trained with {trained[key]})"
+                   for key in ("resolution", "num_inference_steps", "guidance_scale")
+                   if key in trained and getattr(model, key) != trained[key]]
+    if differences:
+        warnings.warn(f"model {model.name!r} samples otherwise than its LoRA's training run: {', '.join(differences)}",
+                      stacklevel=2)
+
+
+def load_prompt_set(prompt_set: PromptSet, max_prompts: int | None = None,
+                    heldout_fraction: float = 0.0) -> list[PromptEntry]:
+    """The prompts of a set with their file index and category (a CSV/TSV ``category`` column, else None); with
+    ``heldout_fraction`` > 0 only those of its held-out split; ``max_prompts`` keeps that many, evenly spaced."""
     import csv
 
     path = Path(prompt_set.file)
@@ -334,9 +377,9 @@ def load_prompt_set(prompt_set: PromptSet, max_prompts: int | None = None) -> li
                 if (r["prompt"] or "").strip()]  # load_prompts drops the same empty rows
         if "category" in rows[0]:
             categories = [(r["category"] or "").strip() or None for r in rows]
-    indices = range(len(prompts))
-    if max_prompts is not None and max_prompts < len(prompts):
-        indices = [i * len(prompts) // max_prompts for i in range(max_prompts)]
+    indices = [i for i, prompt in enumerate(prompts) if not heldout_fraction or is_heldout(prompt, heldout_fraction)]
+    if max_prompts is not None and max_prompts < len(indices):
+        indices = [indices[i * len(indices) // max_prompts] for i in range(max_prompts)]
     return [PromptEntry(prompt_set.name, i, prompts[i], categories[i]) for i in indices]
 
 

@@ -59,7 +59,6 @@ def model_settings(model: ModelSpec, cfg: EvalConfig) -> dict:
     is identified by its file's hash (not its path), so retraining into the same directory counts as a change."""
     settings = {k: v for k, v in asdict(model).items() if k not in ("name", "lora", "cpu_offload")}
     settings["lora_sha1"] = file_sha1(Path(model.lora) / LORA_WEIGHTS_NAME) if model.lora else None
-    settings["resolution"] = cfg.resolution
     settings["dtype"] = str(cfg.resolved_dtype()).removeprefix("torch.")
     return settings
 
@@ -180,7 +179,7 @@ def generate_images(cfg: EvalConfig, prompts: list[PromptEntry], root: Path) -> 
         try:
             for start in tqdm(range(0, len(todo), cfg.batch_size), desc=f"generate {model.name}", unit="batch"):
                 batch = todo[start : start + cfg.batch_size]
-                images = run_pipeline(family, model, cfg.resolution, batch)
+                images = run_pipeline(family, model, model.resolution, batch)
                 for record, image in zip(batch, images):
                     _save(root, record, image, settings)
         finally:

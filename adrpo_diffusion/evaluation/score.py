@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..scorers import build_scorer
 from ..scorers.diversity import clip_diversity
-from .config import EvalConfig, metric_scorer
+from .config import EvalConfig, clipdiversity_variant, metric_scorer
 from .generate import ImageRecord, file_sha1, free_memory, write_atomic
 
 
@@ -105,7 +105,9 @@ def score_images(cfg: EvalConfig, metric: str, records: list[ImageRecord], root:
 def score_diversity(cfg: EvalConfig, records: list[ImageRecord], root: Path, hashes: dict, failed: dict) -> dict:
     """ClipDiversity ``{group: value}`` of each (model, seed, prompt) group with at least two readable images."""
     name, options = metric_scorer("clipdiversity", cfg.metric_options.get("clipdiversity", {}))
-    cache = ScoreCache(Path(cfg.output_dir) / "scores" / "clipdiversity.json", {"scorer": name, "options": options})
+    variant = clipdiversity_variant(cfg.metric_options.get("clipdiversity", {}))
+    cache = ScoreCache(Path(cfg.output_dir) / "scores" / "clipdiversity.json",
+                       {"scorer": name, "options": options, "variant": variant})
     groups = defaultdict(list)
     for record in records:
         groups[record.group()].append(record)
@@ -123,7 +125,7 @@ def score_diversity(cfg: EvalConfig, records: list[ImageRecord], root: Path, has
         for group in todo:
             readable = [embeddings[r.path] for r in groups[group] if r.path in embeddings]
             if len(readable) >= 2:
-                values[group] = clip_diversity(torch.stack(readable), [0] * len(readable))
+                values[group] = clip_diversity(torch.stack(readable), [0] * len(readable), **variant)
                 if len(readable) == len(groups[group]):  # never cache a value that left an unreadable image out
                     cache.values[key[group]] = values[group]
         cache.save()

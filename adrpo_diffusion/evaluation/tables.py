@@ -14,7 +14,7 @@ import io
 LABELS = {"clipscore": "ClipScore", "clipdiversity": "ClipDiversity", "aesthetic": "Aesthetic",
           "blipscore": "BLIPScore", "imagereward": "ImageReward", "pickscore": "PickScore", "hpsv2": "HPSv2"}
 # Decimals per metric, by the scale of its values and of its seed-to-seed spread.
-DECIMALS = {"clipscore": 2, "clipdiversity": 4, "aesthetic": 3, "blipscore": 4, "imagereward": 3, "pickscore": 2,
+DECIMALS = {"clipscore": 2, "clipdiversity": 3, "aesthetic": 3, "blipscore": 4, "imagereward": 3, "pickscore": 2,
             "hpsv2": 4}
 DEFAULT_DECIMALS = 3
 

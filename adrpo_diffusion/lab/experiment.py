@@ -159,7 +159,7 @@ def diversities(images: torch.Tensor, groups: list[int], features: RandomFeature
     pixels = images.flatten(1)
     return {
         "pixel_diversity": clip_diversity(pixels, groups, distance="l2", normalize=False, scale=pixels.shape[1] ** -0.5),
-        "feature_diversity": clip_diversity(features(images), groups),
+        "feature_diversity": clip_diversity(features(images), groups, distance="cosine"),
     }
 
 
