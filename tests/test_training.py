@@ -31,7 +31,7 @@ def test_tiny_default_improves_the_heldout_reward(tmp_path, tiny_sd3_dir):
     cfg = load_config("configs/tiny_cpu.yaml", {"output_dir": str(tmp_path / "run")})
     summary = Trainer(cfg).train()
     gain, se = summary["heldout_improvement"], summary["heldout_improvement_se"]
-    assert gain > 3 * se > 0, summary  # paired over the same held-out (prompt, seed) pairs
+    assert gain > 5 * se > 0, summary  # paired over the same held-out (prompt, seed) pairs (issue: >= 5 SE)
     assert summary["heldout_reward_after"] > summary["heldout_reward_before"]
 
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
