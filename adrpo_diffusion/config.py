@@ -37,9 +37,16 @@ class TrainConfig:
                                        "image and context attention projections to_q/k/v, to_out.0, add_q/k/v_proj, "
                                        "to_add_out; SANA: to_q/k/v, to_out.0 of the self- and cross-attention).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass (less memory, ~40% slower).")
-    compile_sampler: bool = _f(False, "torch.compile the transformer for the rollouts (+56% images/s on an H100, "
-                                      "BENCHMARKS.md; about a minute of compilation at start).")
-    compile_backend: str = _f("inductor", "torch.compile backend for compile_sampler.")
+    compile_transformer: bool = _f(False, "torch.compile the transformer's repeated blocks in place (regional "
+                                          "compilation: rollouts, reference and policy passes; ModelFamily."
+                                          "compile_repeated_blocks). BENCHMARKS.md has what it gains.")
+    compile_backend: str = _f("inductor", "torch.compile backend for compile_transformer.")
+    compile_mode: str = _f("default", "torch.compile mode for compile_transformer: default, reduce-overhead (CUDA "
+                                      "graphs), max-autotune or max-autotune-no-cudagraphs.")
+    rollout_merge_lora: bool = _f(False, "Fold the LoRA into the base weights for the rollouts (restored bitwise for "
+                                         "the training step): fewer matmuls per sampler step; with bf16 weights the "
+                                         "merged weights are rounded stochastically, so rollouts differ from unmerged "
+                                         "ones by noise of the size of bf16 rounding (families.MergedLoRA).")
     # --- prompts and rollouts
     prompt_file: str | list = _f("prompts/drawbench.csv", "Prompts: .txt (one per line), .csv/.tsv (a 'prompt' column) or "
                                                       ".jsonl; or a list of such files, e.g. '[a.csv, b.txt]'.")
@@ -105,12 +112,13 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # The keys a resumed run may change: how long it runs, how fast, what it logs and where. Every other key must match
 # the checkpoint's (the model, the LoRA and optimizer state shapes, the method, the reward, the data, the seed).
 RESUME_MAY_CHANGE = (
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "max_steps", "checkpointing_steps",
     "checkpoints_total_limit", "sample_every", "eval_prompts", "eval_seeds", "report_to", "max_consecutive_nonfinite",
-    "allow_tf32", "compile_sampler", "compile_backend", "gradient_checkpointing", "rollout_batch_size", "train_batch_size",
+    "allow_tf32", "compile_transformer", "compile_backend", "compile_mode", "rollout_merge_lora", "gradient_checkpointing", "rollout_batch_size", "train_batch_size",
 )
 
 
@@ -166,6 +174,8 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"images_per_prompt (K) must be >= 2 for a group baseline, got {cfg.images_per_prompt}")
     if cfg.time_sampling not in ("uniform", "logit_normal"):
         problems.append(f"time_sampling must be uniform or logit_normal, got {cfg.time_sampling!r}")
+    if cfg.compile_mode not in COMPILE_MODES:
+        problems.append(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
     if cfg.mixed_precision not in ("auto", "no", "fp16", "bf16"):
         problems.append(f"mixed_precision must be auto, no, fp16 or bf16, got {cfg.mixed_precision!r}")
     if cfg.report_to not in ("tensorboard", "wandb", "none"):

@@ -25,7 +25,7 @@ import torch
 
 from .checkpoint import checkpoint_step, list_checkpoints, load_lora_into, resolve_resume, run_files, save_checkpoint
 from .config import TrainConfig
-from .families import ModelFamily, adapters_off, check_model_source, load_family
+from .families import MergedLoRA, ModelFamily, adapters_off, check_model_source, load_family
 from .losses import sample_times
 from .methods import Method, build_method
 from .prompts import PromptSampler, training_prompts
@@ -149,10 +149,11 @@ class Trainer:
         from diffusers.training_utils import cast_training_params
 
         cast_training_params(self.transformer, dtype=torch.float32)
-        if cfg.compile_sampler:
-            # Rollouts only: the compiled module shares the transformer's parameters, the train step stays eager.
-            pipe.transformer = torch.compile(self.transformer, backend=cfg.compile_backend)
+        if cfg.compile_transformer:
+            mode = None if cfg.compile_mode == "default" else cfg.compile_mode  # other backends than inductor take no mode
+            family.compile_repeated_blocks(backend=cfg.compile_backend, mode=mode, dynamic=True)
         self.params = [p for p in self.transformer.parameters() if p.requires_grad]
+        self.merged_lora = MergedLoRA(self.transformer) if cfg.rollout_merge_lora else None
 
         optimizer = optimizer_cls(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
@@ -212,9 +213,18 @@ class Trainer:
             kept = [line for line in self.metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
             self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
-    def _policy_rollouts(self, indices: list[int], generators=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _policy_rollouts(self, indices: list[int], generators=None, adapters: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final latents and decoded images of the policy (``adapters=False``: of the base model)."""
         cfg = self.cfg
-        with self.accelerator.autocast():
+        if not adapters:
+            model = adapters_off(self.accelerator.unwrap_model(self.model))
+        elif self.merged_lora is not None:  # its rounding noise is seeded by (seed, step): resumes exactly
+            generator = torch.Generator(self.accelerator.device).manual_seed(cfg.seed * 1_000_003 + self.step)
+            model = self.merged_lora(generator)
+        else:
+            model = contextlib.nullcontext()
+        self.model.eval()  # rollouts in inference mode (the train step sets train mode); one compiled graph each
+        with model, self.accelerator.autocast():
             x1 = self.family.sample(self.cache, indices, num_inference_steps=cfg.num_inference_steps,
                                     resolution=cfg.resolution, batch_size=cfg.rollout_batch_size, generators=generators)
             images = self.family.decode(x1, cfg.rollout_batch_size)
@@ -232,9 +242,7 @@ class Trainer:
         if not pairs:
             return torch.zeros(0), torch.zeros(0)
         generators = [torch.Generator().manual_seed(s * 100_003 + i) for i, s in pairs]
-        base = adapters_off(self.accelerator.unwrap_model(self.model))
-        with contextlib.nullcontext() if adapters else base:
-            _, images = self._policy_rollouts([i for i, _ in pairs], generators)
+        _, images = self._policy_rollouts([i for i, _ in pairs], generators, adapters)
         return self._score(images, [i for i, _ in pairs]).cpu(), images
 
     def _save_samples(self, images: torch.Tensor, name: str) -> None:

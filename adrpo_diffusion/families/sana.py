@@ -28,6 +28,7 @@ class SanaFamily(ModelFamily):
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
     # self-attention (linear) and cross-attention projections of every block
     lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    repeated_blocks: ClassVar[tuple[str, ...]] = ("SanaTransformerBlock",)
 
     def _encode(self, prompts, device, max_sequence_length, negative=False):
         # the pipeline's default instruction for prompts; none for its negative prompt

@@ -26,6 +26,7 @@ class SD3Family(ModelFamily):
         "to_q", "to_k", "to_v", "to_out.0",  # image-stream attention
         "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",  # text-stream (context) attention
     )
+    repeated_blocks: ClassVar[tuple[str, ...]] = ("JointTransformerBlock",)
     options: ClassVar[dict[str, str]] = {
         "drop_t5": "load without the T5 text encoder (about 9 GB in fp16 for SD3-medium); zeros take its place"}
 
