@@ -28,7 +28,7 @@ from .config import TrainConfig
 from .families import MergedLoRA, ModelFamily, adapters_off, check_model_source, load_family
 from .losses import sample_times
 from .methods import Method, build_method
-from .prompts import PromptSampler, training_prompts
+from .prompts import PromptSampler, is_heldout, load_prompts, training_prompts
 from .scorers import build_scorer, check_scorer
 from .utils import image_grid, mean_and_se
 
@@ -76,7 +76,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         # Everything that can fail without a model, first.
+        # self.prompts: the training split, then the held-out split (heldout_fraction > 0), which only the held-out
+        # check samples; without a held-out split that check uses training prompts with unseen seeds.
         self.prompts = training_prompts(cfg.prompt_file, cfg.heldout_fraction)
+        self.num_training_prompts = len(self.prompts)
+        self.prompts += [p for p in load_prompts(cfg.prompt_file) if cfg.heldout_fraction and is_heldout(p, cfg.heldout_fraction)]
         check_scorer(cfg.reward, cfg.reward_options, self.prompts)
         check_model_source(cfg.pretrained_model)
         self.output_dir = Path(cfg.output_dir)
@@ -137,7 +141,9 @@ class Trainer:
         pipe.to(acc.device)
         for module in family.modules():
             module.requires_grad_(False)
-        self.eval_indices = eval_prompt_indices(len(self.prompts), cfg.eval_prompts)
+        n_train, n_heldout = self.num_training_prompts, len(self.prompts) - self.num_training_prompts
+        self.eval_indices = ([n_train + i for i in eval_prompt_indices(n_heldout, cfg.eval_prompts)] if n_heldout
+                             else eval_prompt_indices(n_train, cfg.eval_prompts))
         self.cache = family.encode_prompts(self.prompts, acc.device, self.weight_dtype, cfg.max_sequence_length)
         family.free_text_encoders()
         gc.collect()
@@ -163,7 +169,7 @@ class Trainer:
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                           num_training_steps=cfg.max_steps)
         self.model, self.optimizer = acc.prepare(self.transformer, optimizer)
-        self.sampler = PromptSampler(len(self.prompts), cfg.seed)
+        self.sampler = PromptSampler(self.num_training_prompts, cfg.seed)
         acc.register_for_checkpointing(self.lr_scheduler, self.sampler)
         acc.register_save_state_pre_hook(self._save_lora_hook)
         acc.register_load_state_pre_hook(self._load_lora_hook)
@@ -411,13 +417,16 @@ class Trainer:
         improvement, se = mean_and_se(diff)
         summary = {
             "steps": self.step, "heldout_samples": diff.numel(),
+            "heldout_prompts": "held-out split" if self.eval_indices[0] >= self.num_training_prompts
+                               else "training prompts, unseen seeds",
             "heldout_reward_before": before.mean().item(), "heldout_reward_after": after.mean().item(),
             "heldout_improvement": improvement, "heldout_improvement_se": float("nan") if se is None else se,
         }
         if acc.is_main_process:
             self._save_samples(images, "final")
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        self._log(f"held-out reward (mean over {len(self.eval_indices)} prompts x {len(cfg.eval_seeds)} seeds): "
+        self._log(f"held-out reward (mean over {len(self.eval_indices)} prompts x {len(cfg.eval_seeds)} seeds; "
+                  f"{summary['heldout_prompts']}): "
                   f"before {summary['heldout_reward_before']:.4f} -> after {summary['heldout_reward_after']:.4f} "
                   f"(change {summary['heldout_improvement']:+.4f} +- {summary['heldout_improvement_se']:.4f} SE, paired)")
         acc.end_training()

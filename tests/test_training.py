@@ -275,3 +275,21 @@ def test_shared_noise_gives_each_prompt_group_one_draw(tmp_path, tiny_sd3_dir, m
         assert all(torch.equal(noise[i], noise[i - i % 4]) for i in range(16))
     else:
         assert len(set(keys)) == 16
+
+
+def test_heldout_fraction_gives_the_heldout_check_prompts_training_never_draws(tmp_path, tiny_sd3_dir, monkeypatch):
+    from adrpo_diffusion.prompts import is_heldout
+
+    drawn = []
+    cfg = small_config(tmp_path / "run", max_steps=3, heldout_fraction=0.25, eval_prompts=8, checkpointing_steps=0)
+    trainer = Trainer(cfg)
+    draw = trainer.sampler.draw
+    monkeypatch.setattr(trainer.sampler, "draw", lambda n: drawn.extend(draw(n)) or drawn[-n:])
+    summary = trainer.train()
+    evaluated = [trainer.prompts[i] for i in trainer.eval_indices]
+    assert evaluated and all(is_heldout(p, 0.25) for p in evaluated), evaluated
+    assert drawn and not any(is_heldout(trainer.prompts[i], 0.25) for i in drawn)
+    assert summary["heldout_prompts"] == "held-out split"
+    assert (trainer.num_training_prompts, len(trainer.prompts)) == (8, 12)  # colors.txt: 4 of 12 held out at 0.25
+    unsplit = Trainer(small_config(tmp_path / "all", max_steps=1))
+    assert unsplit.num_training_prompts == len(unsplit.prompts) == 12

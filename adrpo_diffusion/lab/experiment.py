@@ -439,6 +439,15 @@ def render_table(results: dict) -> str:
                          f"{final('colour')} | {final('shape')} | {final('count')} | {final('position')} | "
                          f"{final('pixel_diversity')} | "
                          f"{final('feature_diversity')} | {_fmt(*mean_and_se([r[-1]['w2_divergence'] for r in finals]), 5)} |")
+        seeds = list(results["runs"][names[0]]["seeds"])
+        lines += ["", "Per seed: the final gain over the base and its held-out z (gain / held-out SE).", "",
+                  "| run | " + " | ".join(f"seed {seed}" for seed in seeds) + " |", "|---|" + "---|" * len(seeds)]
+        for name in names:
+            cells = []
+            for records in results["runs"][name]["seeds"].values():
+                gain = records[-1]["reward"] - base["reward"]
+                cells.append(f"{gain:+.4f} ({gain / records[-1]['reward_gain_se']:.1f})")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
