@@ -14,6 +14,8 @@ reference forward. Recomputation under gradient checkpointing is not counted as 
 ``--arch sd3-medium`` builds the FULL SD3-medium transformer and VAE (and, for the prompt-caching lever, the
 three text encoders) at random initialisation: the same FLOPs and memory as the real weights, no download.
 Prompt embeddings are random tensors of the right shapes.
+
+``--e2e`` benchmarks the real trainer end to end instead (:mod:`adrpo_diffusion.benchmark_e2e`).
 """
 
 from __future__ import annotations
@@ -481,6 +483,11 @@ def markdown(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--e2e" in argv:
+        from .benchmark_e2e import main as e2e_main
+
+        return e2e_main([arg for arg in argv if arg != "--e2e"])
     parser = argparse.ArgumentParser(prog="adrpo-benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", choices=["tiny", "sd3-medium"], default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -493,6 +500,8 @@ def main(argv=None) -> int:
                         help="skip the remaining scenarios after this many seconds")
     parser.add_argument("--no_text_encoders", action="store_true", help="skip the prompt-caching measurement")
     parser.add_argument("--output", default="benchmark.json")
+    parser.add_argument("--e2e", action="store_true", help="instead: the real trainer end to end, one config and its "
+                                                           "variants (options: adrpo-benchmark --e2e --help)")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -507,7 +516,7 @@ def main(argv=None) -> int:
               "lora_rank": args.lora_rank, "image_tokens": bench.image_tokens, "text_tokens": bench.text_tokens,
               "forward_gflops_per_image": (bench.flops["linear"] + bench.flops["attention"]) / 1e9,
               "peak_tflops": bench.peak_tflops,
-              "command": " ".join(["adrpo-benchmark", *(argv if argv is not None else sys.argv[1:])])}
+              "command": " ".join(["adrpo-benchmark", *argv])}
     print(json.dumps(report), flush=True)
     report["text_encoding"] = bench.text_encoding_seconds(prompts=8, repeats=args.repeats)
     bench.free_text_encoders()
