@@ -14,6 +14,8 @@ reference forward. Recomputation under gradient checkpointing is not counted as 
 ``--arch sd3-medium`` builds the FULL SD3-medium transformer and VAE (and, for the prompt-caching lever, the
 three text encoders) at random initialisation: the same FLOPs and memory as the real weights, no download.
 Prompt embeddings are random tensors of the right shapes.
+
+``--e2e`` benchmarks the real trainer end to end instead (:mod:`adrpo_diffusion.benchmark_e2e`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,25 @@ SD3_VAE = dict(
     norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
     use_quant_conv=False, use_post_quant_conv=False,
 )
+# SD3's text encoders (CLIP-L, OpenCLIP-bigG, T5-XXL) at their real sizes. The CLIP towers take the token ids of
+# the character tokenizer (builtin:tiny-scorers/clip: 512 and 513 are its start and end tokens) in their real
+# vocabularies.
+CHAR_TOKENIZER_IDS = dict(bos_token_id=512, eos_token_id=513, pad_token_id=513)
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              projection_dim=768)
+CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                 projection_dim=1280, hidden_act="gelu")
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
+              feed_forward_proj="gated-gelu")
+# CLIP reward models: (vision tower, text tower, image size, projection dim); sd3-medium's is ViT-L/14's
+CLIP_REWARD = {
+    "sd3-medium": (dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                        image_size=224, patch_size=14),
+                   dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12), 224, 768),
+    "tiny": (dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8),
+             dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2), 32, 16),
+}
 # Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s), for MFU.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
 
@@ -74,6 +95,51 @@ def transformer_flops(config, image_tokens: int, text_tokens: int) -> dict[str, 
     out_channels = c.out_channels or c.in_channels
     macs_linear += 2 * d * d + n * d * c.patch_size**2 * out_channels  # final adaLN and projection
     return {"linear": 2.0 * macs_linear, "attention": 2.0 * macs_attention}
+
+
+def sd3_text_encoders(configs: list[dict], device, dtype) -> list[torch.nn.Module]:
+    """SD3's text encoders at random init, built on ``device`` in ``dtype`` (T5-XXL is 19 GB in fp32): a
+    ``CLIPTextModelWithProjection`` for each config with ``projection_dim``, a ``T5EncoderModel`` for one with
+    ``d_model``; in eval mode, frozen."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    models = []
+    with default_dtype(dtype), torch.device(device):
+        for config in configs:
+            if "d_model" in config:
+                models.append(T5EncoderModel(T5Config(**config, is_encoder_decoder=False)))
+            else:
+                models.append(CLIPTextModelWithProjection(CLIPTextConfig(**config, max_position_embeddings=77,
+                                                                         **CHAR_TOKENIZER_IDS)))
+    return [m.eval().requires_grad_(False) for m in models]
+
+
+def clip_reward_model(arch: str, device, dtype):
+    """The CLIP-score reward's ``CLIPModel`` (ViT-L/14 for sd3-medium, a tiny one for tiny) at random init on
+    ``device`` in ``dtype``, and its ``CLIPProcessor`` on the character tokenizer."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from .builtin import resolve_asset
+
+    vision, text, size, projection = CLIP_REWARD[arch]
+    config = CLIPConfig(text_config=dict(vocab_size=514, max_position_embeddings=77, **CHAR_TOKENIZER_IDS, **text),
+                        vision_config=vision, projection_dim=projection)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": size},
+                                                                 crop_size={"height": size, "width": size}),
+                              tokenizer=CLIPProcessor.from_pretrained(resolve_asset("builtin:tiny-scorers/clip")).tokenizer)
+    with default_dtype(dtype), torch.device(device):
+        return CLIPModel(config), processor
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    """Build modules directly in ``dtype`` (random init included), not in fp32 first."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 @dataclasses.dataclass
@@ -150,7 +216,7 @@ class Bench:
                 transformer = SD3Transformer2DModel(**SD3_MEDIUM_TRANSFORMER).to(dtype)
                 vae = AutoencoderKL(**SD3_VAE).to(dtype)
             scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-            self.text_modules = self._full_text_encoders(dtype) if text_encoders else []
+            self.text_modules = sd3_text_encoders([CLIP_L, CLIP_BIGG, T5_XXL], self.device, dtype) if text_encoders else []
             self.text_tokens, self.max_sequence_length = 77 + 256, 256
         transformer.to(self.device, dtype).requires_grad_(False)
         vae.to(self.device, dtype).requires_grad_(False)
@@ -170,45 +236,12 @@ class Bench:
         self.image_tokens = (self.latent_size // c.patch_size) ** 2
         self.flops = transformer_flops(c, self.image_tokens, self.text_tokens)
 
-    def _full_text_encoders(self, dtype):
-        """SD3's CLIP-L, OpenCLIP-bigG and T5-XXL text encoders at random init (for the prompt-caching lever)."""
-        from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-        with self.device:
-            clip_l = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                                                num_attention_heads=12, projection_dim=768)).to(dtype)
-            clip_g = CLIPTextModelWithProjection(CLIPTextConfig(
-                hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280,
-                hidden_act="gelu")).to(dtype)
-            t5 = T5EncoderModel(T5Config(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
-                                         feed_forward_proj="gated-gelu", is_encoder_decoder=False)).to(dtype)
-        return [m.eval().requires_grad_(False) for m in (clip_l, clip_g, t5)]
-
     def _reward_model(self):
         """The CLIP-score reward: CLIP ViT-L/14 at random init for sd3-medium, a tiny CLIP for tiny."""
-        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-        from .builtin import resolve_asset
         from .scorers.clip import ClipScorer
 
-        if self.arch == "tiny":
-            vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                          patch_size=8)
-            text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-            size, projection = 32, 16
-        else:
-            vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                          image_size=224, patch_size=14)
-            text = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-            size, projection = 224, 768
-        config = CLIPConfig(text_config=dict(vocab_size=514, max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
-                                             pad_token_id=513, **text), vision_config=vision, projection_dim=projection)
-        processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": size},
-                                                                     crop_size={"height": size, "width": size}),
-                                  tokenizer=CLIPProcessor.from_pretrained(resolve_asset("builtin:tiny-scorers/clip")).tokenizer)
         dtype = "float16" if self.device.type == "cuda" else "float32"
-        with self.device:
-            model = CLIPModel(config).to(getattr(torch, dtype))
+        model, processor = clip_reward_model(self.arch, self.device, getattr(torch, dtype))
         return ClipScorer.from_model(model, processor, device=str(self.device), dtype=dtype, batch_size=32)
 
     # ------------------------------------------------------------------ helpers
@@ -450,6 +483,11 @@ def markdown(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--e2e" in argv:
+        from .benchmark_e2e import main as e2e_main
+
+        return e2e_main([arg for arg in argv if arg != "--e2e"])
     parser = argparse.ArgumentParser(prog="adrpo-benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", choices=["tiny", "sd3-medium"], default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -462,6 +500,8 @@ def main(argv=None) -> int:
                         help="skip the remaining scenarios after this many seconds")
     parser.add_argument("--no_text_encoders", action="store_true", help="skip the prompt-caching measurement")
     parser.add_argument("--output", default="benchmark.json")
+    parser.add_argument("--e2e", action="store_true", help="instead: the real trainer end to end, one config and its "
+                                                           "variants (options: adrpo-benchmark --e2e --help)")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -476,7 +516,7 @@ def main(argv=None) -> int:
               "lora_rank": args.lora_rank, "image_tokens": bench.image_tokens, "text_tokens": bench.text_tokens,
               "forward_gflops_per_image": (bench.flops["linear"] + bench.flops["attention"]) / 1e9,
               "peak_tflops": bench.peak_tflops,
-              "command": " ".join(["adrpo-benchmark", *(argv if argv is not None else sys.argv[1:])])}
+              "command": " ".join(["adrpo-benchmark", *argv])}
     print(json.dumps(report), flush=True)
     report["text_encoding"] = bench.text_encoding_seconds(prompts=8, repeats=args.repeats)
     bench.free_text_encoders()
