@@ -23,7 +23,7 @@ benchmark sets the keys of :data:`SET_BY_BENCHMARK` itself (no held-out check, n
 before the end).
 
     adrpo-benchmark --e2e --arch sd3-medium --config sd3_medium_80gb --steps 4 \\
-        --variant compile:compile_sampler=true --output benchmarks/e2e_sd3_medium_80gb_h100.json
+        --variant compile:compile_transformer=true --output benchmarks/e2e_sd3_medium_80gb_h100.json
 """
 
 from __future__ import annotations

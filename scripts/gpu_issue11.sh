@@ -27,21 +27,13 @@ CONFIGS=("$@")
 LOG=${OUT:-/tmp}/gpu_issue11.log
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 
-# rollout_merge_lora is a config key being added on main; without it the whole command would be refused.
-MERGE=()
-if python3 -c 'import sys; from adrpo_diffusion.config import FIELDS; sys.exit("rollout_merge_lora" not in FIELDS)'; then
-  MERGE=(--variant "merge:rollout_merge_lora=true")
-else
-  echo "this tree's config has no rollout_merge_lora: the merge variant is left out" | tee -a "$LOG"
-fi
-
 for i in "${!CONFIGS[@]}"; do
   config=${CONFIGS[$i]}
   share=$(( (BUDGET - SECONDS) / (${#CONFIGS[@]} - i) ))
   # the 80 GB config already samples 16 images per batch: its batch variant doubles that
   batch=16; [ "$config" = sd3_medium_80gb ] && batch=32
   python3 -m adrpo_diffusion.benchmark --e2e --arch sd3-medium --config "$config" --steps 4 --time_budget "$share" \
-    --variant "compile:compile_sampler=true" --variant "batch$batch:rollout_batch_size=$batch" "${MERGE[@]}" \
+    --variant "compile:compile_transformer=true" --variant "batch$batch:rollout_batch_size=$batch" --variant "merge:rollout_merge_lora=true" \
     --output "benchmarks/e2e_${config}_h100.json" 2>&1 | tee -a "$LOG" || echo "$config: exit status $?" | tee -a "$LOG"
   [ -z "${OUT:-}" ] || cp "benchmarks/e2e_${config}_h100.json" "$OUT/" 2>/dev/null || true
 done

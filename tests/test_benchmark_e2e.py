@@ -64,7 +64,7 @@ def test_e2e_tiny_two_variants(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--variant", "fast:no_such_key=1"], "variant 'fast': Unknown config key(s)"),
     (["--variant", "fast:rollout_batch_size=0"], "rollout_batch_size must be >= 1"),
-    (["--variant", "fast:compile_sampler"], "'compile_sampler' is not KEY=VALUE"),
+    (["--variant", "fast:compile_transformer"], "'compile_transformer' is not KEY=VALUE"),
     (["--variant", "fast"], "give baseline (the config as is) or NAME:KEY=VALUE"),
     (["--variant", "fast:max_steps=3"], "max_steps is set by the benchmark itself"),
     (["--variant", "a:lora_rank=4", "--variant", "a:lora_rank=8"], "'a' is given more than once"),

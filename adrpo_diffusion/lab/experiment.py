@@ -79,7 +79,7 @@ class LabSettings:
     reward_scale: float = 20.0
     beta0: float = 1.0
     orw_betas: list = field(default_factory=lambda: [0.25, 1.0, 4.0])
-    eval_images: int = 12
+    eval_images: int = 20
     eval_seed: int = 10_000
     val_images: int = 8
     val_seed: int = 50_000  # its seeds (val_seed + 1000 i + j) never meet the held-out ones
