@@ -62,7 +62,7 @@ class LabRun:
 
 @dataclass
 class LabSettings:
-    """What every run shares. The defaults are the full lab (32 minutes on 2 CPU cores, measured)."""
+    """What every run shares. The defaults are the full lab (22 minutes on 2 CPU cores, measured)."""
 
     output_dir: str = "outputs/method-lab"
     pretrained_model: str = "builtin:tiny-sd3-shapes"
