@@ -262,3 +262,15 @@ def test_the_shapes_config_trains_like_the_labs_adrpo_run():
               "max_grad_norm")
     assert {k: getattr(config, k) for k in shared} == {k: lab[k] for k in shared}
     assert config.max_steps == LabSettings().steps and config.learning_rate in LabSettings().learning_rates
+
+
+def test_runs_selects_runs_by_name_and_rejects_unknown_ones(capsys):
+    from adrpo_diffusion.lab.experiment import LabSettings, lab_runs, main
+
+    picked = lab_runs(LabSettings(ablation="all", runs=["adrpo reward x100", "raft top-1"]))
+    assert [(run.name, run.group, run.overrides) for run in picked] == [
+        ("raft top-1", "methods", {"method": "raft", "method_options": {"top_k": 1}}),
+        ("adrpo reward x100", "ablation", {"reward_scale": 100.0})]
+    with pytest.raises(SystemExit):
+        main(["--runs", "adrpo reward x100"])  # an ablation run, but the ablation is off
+    assert "unknown run(s) ['adrpo reward x100']" in capsys.readouterr().err

@@ -84,6 +84,7 @@ class LabSettings:
     val_images: int = 8
     val_seed: int = 50_000  # its seeds (val_seed + 1000 i + j) never meet the held-out ones
     ablation: str = "none"  # all, one (the first ablation run only) or none
+    runs: list = field(default_factory=list)  # only these runs (by name; of the methods and the chosen ablation)
 
     def training(self) -> dict:
         """TrainConfig values shared by every run (a run's overrides go on top)."""
@@ -113,8 +114,9 @@ def quick_settings(output_dir: str) -> LabSettings:
 
 def lab_runs(settings: LabSettings) -> list[LabRun]:
     """The method comparison (paper defaults for ADRPO: beta0 = 1, A in [-1, 1]) and the ADRPO ablation:
-    clip range 0.5x / 2x beta0, raw reward (x1) / x100 instead of x10, group size K / 2 and 2K at a fixed number
-    of images per step (``settings.ablation``: all of them, the first one only, or none)."""
+    clip range 0.5x / 2x beta0, raw reward (x1) / x100 instead of the lab's scale, group size K / 2 and 2K at a
+    fixed number of images per step (``settings.ablation``: all of them, the first one only, or none); only the
+    runs named in ``settings.runs`` when it is not empty."""
     if settings.ablation not in ("all", "one", "none"):
         raise ValueError(f"ablation must be all, one or none, got {settings.ablation!r}")
     b0 = settings.beta0
@@ -125,14 +127,18 @@ def lab_runs(settings: LabSettings) -> list[LabRun]:
     runs += [LabRun(f"fixed-beta beta={b0:g}", "methods", {"method": "fixed-beta", "method_options": fixed}),
              LabRun("raft top-1", "methods", {"method": "raft", "method_options": {"top_k": 1}}),
              LabRun("dpo", "methods", {"method": "dpo", "method_options": {}})]
-    if settings.ablation == "none":
-        return runs
-    k, images = settings.images_per_prompt, settings.prompts_per_step * settings.images_per_prompt
-    ablation = [LabRun(f"adrpo clip x{f:g}", "ablation", {"method_options": adrpo_options(b0, f)}) for f in (0.5, 2.0)]
-    ablation += [LabRun(f"adrpo reward x{s:g}", "ablation", {"reward_scale": s}) for s in (1.0, 100.0)]
-    ablation += [LabRun(f"adrpo K={g}", "ablation", {"images_per_prompt": g, "prompts_per_step": images // g})
-                 for g in (k // 2, 2 * k) if g >= 2 and images % g == 0]
-    return runs + (ablation[:1] if settings.ablation == "one" else ablation)
+    if settings.ablation != "none":
+        k, images = settings.images_per_prompt, settings.prompts_per_step * settings.images_per_prompt
+        ablation = [LabRun(f"adrpo clip x{f:g}", "ablation", {"method_options": adrpo_options(b0, f)}) for f in (0.5, 2.0)]
+        ablation += [LabRun(f"adrpo reward x{s:g}", "ablation", {"reward_scale": s}) for s in (1.0, 100.0)]
+        ablation += [LabRun(f"adrpo K={g}", "ablation", {"images_per_prompt": g, "prompts_per_step": images // g})
+                     for g in (k // 2, 2 * k) if g >= 2 and images % g == 0]
+        runs += ablation[:1] if settings.ablation == "one" else ablation
+    unknown = [name for name in settings.runs if name not in {run.name for run in runs}]
+    if unknown:
+        raise ValueError(f"unknown run(s) {unknown}; with --ablation {settings.ablation} the runs are "
+                         f"{[run.name for run in runs]}")
+    return [run for run in runs if run.name in settings.runs] if settings.runs else runs
 
 
 class RandomFeatures(torch.nn.Module):
@@ -522,6 +528,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ablation", choices=("none", "one", "all"),
                         help="also run the ADRPO ablation (clip range, reward scale, group size): all of it, or its "
                              "first run (default none)")
+    parser.add_argument("--runs", nargs="+", metavar="NAME", help="only these runs, by their names in the table, e.g. "
+                        "--runs adrpo 'raft top-1' (with --ablation: its runs too, e.g. 'adrpo reward x100')")
     parser.add_argument("--resume", action="store_true", help="continue a killed lab in --output_dir (same options)")
     args = parser.parse_args(argv)
     try:
@@ -529,7 +537,7 @@ def main(argv=None) -> int:
     except ImportError:
         parser.error("the lab's plots need matplotlib: pip install -e '.[lab]'")
     settings = quick_settings(args.output_dir) if args.quick else LabSettings(output_dir=args.output_dir)
-    for name in ("seeds", "steps", "eval_every", "sampler_steps", "ablation"):
+    for name in ("seeds", "steps", "eval_every", "sampler_steps", "ablation", "runs"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     if min(settings.steps, settings.eval_every, settings.sampler_steps) < 1 or not settings.seeds:
@@ -538,6 +546,10 @@ def main(argv=None) -> int:
         parser.error(f"--seeds must be distinct, got {settings.seeds}")
     if settings.steps % settings.eval_every:
         parser.error(f"--steps ({settings.steps}) must be a multiple of --eval_every ({settings.eval_every})")
+    try:
+        lab_runs(settings)
+    except ValueError as err:
+        parser.error(str(err))
     results = run_lab(settings, resume=args.resume)
     print((Path(settings.output_dir) / "lab_table.md").read_text())
     print(f"[lab] {results['seconds']:.0f} s; results, table and plots in {settings.output_dir}")
