@@ -118,7 +118,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 RESUME_MAY_CHANGE = (
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "max_steps", "checkpointing_steps",
     "checkpoints_total_limit", "sample_every", "eval_prompts", "eval_seeds", "report_to", "max_consecutive_nonfinite",
-    "allow_tf32", "compile_transformer", "compile_backend", "compile_mode", "rollout_merge_lora", "gradient_checkpointing", "rollout_batch_size", "train_batch_size",
+    "allow_tf32", "compile_transformer", "compile_backend", "compile_mode", "rollout_merge_lora", "gradient_checkpointing",
+    "rollout_batch_size", "train_batch_size",
 )
 
 

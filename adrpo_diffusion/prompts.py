@@ -65,13 +65,20 @@ def is_heldout(prompt: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") < fraction * 2**64
 
 
-def training_prompts(path: str | Path | list, heldout_fraction: float) -> list[str]:
-    """The prompts of ``path`` (a file or a list of files) outside the held-out split of ``heldout_fraction``."""
-    prompts = [prompt for prompt in load_prompts(path) if not is_heldout(prompt, heldout_fraction)]
-    if not prompts:
+def split_prompts(path: str | Path | list, heldout_fraction: float) -> tuple[list[str], list[str]]:
+    """The prompts of ``path`` (a file or a list of files): (those outside the held-out split of ``heldout_fraction``,
+    those in it)."""
+    prompts = load_prompts(path)
+    training = [prompt for prompt in prompts if not is_heldout(prompt, heldout_fraction)]
+    if not training:
         raise PromptFileError(f"Every prompt of {path} is in the held-out split (heldout_fraction "
                               f"{heldout_fraction}); lower heldout_fraction or add prompts.")
-    return prompts
+    return training, [prompt for prompt in prompts if is_heldout(prompt, heldout_fraction)]
+
+
+def training_prompts(path: str | Path | list, heldout_fraction: float) -> list[str]:
+    """The prompts of ``path`` (a file or a list of files) outside the held-out split of ``heldout_fraction``."""
+    return split_prompts(path, heldout_fraction)[0]
 
 
 class PromptSampler:

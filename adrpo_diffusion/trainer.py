@@ -28,7 +28,7 @@ from .config import TrainConfig
 from .families import MergedLoRA, ModelFamily, adapters_off, check_model_source, load_family
 from .losses import sample_times
 from .methods import Method, build_method
-from .prompts import PromptSampler, is_heldout, load_prompts, training_prompts
+from .prompts import PromptSampler, split_prompts
 from .scorers import build_scorer, check_scorer
 from .utils import image_grid, mean_and_se
 
@@ -78,9 +78,8 @@ class Trainer:
         # Everything that can fail without a model, first.
         # self.prompts: the training split, then the held-out split (heldout_fraction > 0), which only the held-out
         # check samples; without a held-out split that check uses training prompts with unseen seeds.
-        self.prompts = training_prompts(cfg.prompt_file, cfg.heldout_fraction)
-        self.num_training_prompts = len(self.prompts)
-        self.prompts += [p for p in load_prompts(cfg.prompt_file) if cfg.heldout_fraction and is_heldout(p, cfg.heldout_fraction)]
+        training, heldout = split_prompts(cfg.prompt_file, cfg.heldout_fraction)
+        self.prompts, self.num_training_prompts = training + heldout, len(training)
         check_scorer(cfg.reward, cfg.reward_options, self.prompts)
         check_model_source(cfg.pretrained_model)
         self.output_dir = Path(cfg.output_dir)
@@ -417,7 +416,7 @@ class Trainer:
         improvement, se = mean_and_se(diff)
         summary = {
             "steps": self.step, "heldout_samples": diff.numel(),
-            "heldout_prompts": "held-out split" if self.eval_indices[0] >= self.num_training_prompts
+            "heldout_prompts": "held-out split" if len(self.prompts) > self.num_training_prompts
                                else "training prompts, unseen seeds",
             "heldout_reward_before": before.mean().item(), "heldout_reward_after": after.mean().item(),
             "heldout_improvement": improvement, "heldout_improvement_se": float("nan") if se is None else se,

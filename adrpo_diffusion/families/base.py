@@ -40,7 +40,6 @@ def adapters_off(transformer):
         transformer.enable_adapters()
 
 
-
 def round_stochastic(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
     """``x`` rounded to ``dtype`` without bias for bfloat16: ``E[result] = x``. A bfloat16 is the top 16 bits of a
     float32, so adding uniform random low 16 bits to the float32's bits before cutting them off rounds the magnitude
