@@ -4,6 +4,13 @@ For sample i of prompt group g(i) with K samples:
 
     A_i = clip(R_i - (1/K) * sum_{j: g(j) = g(i)} R_j,  A_min, A_max)
 
+Normalised (Flow-GRPO, DiffusionNFT and AWM divide the differences by a standard deviation):
+
+    A_i = (R_i - mean_{g(i)} R) / max(std, eps)
+
+with ``std`` the population standard deviation of R over the group g(i) (``group_std``) or over the whole batch
+(``batch_std``, the anchors' default). Multiplying every reward by c > 0 then leaves A unchanged (for std > eps).
+
 Under multi-GPU the K samples of a group may live on different processes: the trainer gathers all rewards
 and group ids first, so every baseline sees its whole group, and then takes this process's slice.
 """
@@ -33,6 +40,25 @@ def group_advantages(
     if clip_range is not None:
         advantages = advantages.clamp(min=clip_range[0], max=clip_range[1])
     return advantages
+
+
+NORMALIZATIONS = ("none", "group_std", "batch_std")
+
+
+def normalized_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, normalization: str = "none",
+                          eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unclipped advantages ``(R - group mean) / max(std, eps)`` (``none``: divided by 1) and the per-sample divisor."""
+    raw = group_advantages(rewards, group_ids, clip_range=None)
+    if normalization == "none":
+        return raw, torch.ones_like(raw)
+    if normalization == "group_std":
+        std = group_means(raw.pow(2), group_ids).sqrt()
+    elif normalization == "batch_std":
+        std = rewards.std(correction=0).expand_as(raw)
+    else:
+        raise ValueError(f"Unknown advantage normalization {normalization!r}; choose {', '.join(NORMALIZATIONS)}")
+    divisor = std.clamp(min=eps)
+    return raw / divisor, divisor
 
 
 def local_slice(global_values: torch.Tensor, process_index: int, local_size: int) -> torch.Tensor:

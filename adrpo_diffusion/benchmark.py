@@ -385,7 +385,8 @@ class Bench:
                 adrpo, weights = build_method("adrpo", {}, images_per_prompt=2), {"fm": advantages, "w2": 1.0 - advantages}
 
                 def train_step():
-                    loss, _ = micro_batch_loss(adrpo, self.family, model, reference, x1, noise, t, cond, weights)
+                    loss, _ = micro_batch_loss(adrpo, self.family, model, {"reference": reference}, x1, noise, t, cond,
+                                               weights)
                     loss.backward()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -443,10 +444,10 @@ def method_overhead(bench: Bench, repeats: int) -> dict:
     for name in ("adrpo", "orw-cfm-w2", "fixed-beta", "raft"):  # every sample, one t each (DPO trains on pairs)
         method = build_method(name, {}, images_per_prompt=4)
         plan = method.plan(rewards, groups, rank=0, n_local=n)
-        reference = bench.family.reference(bench.transformer) if plan.needs_reference else None
+        anchors = {"reference": bench.family.reference(bench.transformer)} if plan.needs_reference else {}
 
-        def step(method=method, reference=reference, values=plan.values):
-            loss, _ = micro_batch_loss(method, bench.family, bench.transformer, reference, x1, noise, t, cond, values)
+        def step(method=method, anchors=anchors, values=plan.values):
+            loss, _ = micro_batch_loss(method, bench.family, bench.transformer, anchors, x1, noise, t, cond, values)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

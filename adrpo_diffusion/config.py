@@ -12,8 +12,10 @@ from pathlib import Path
 
 import yaml
 
+from .losses import TIME_SAMPLING
 from .methods import available_methods, build_method, method_problems, methods_help, methods_with_option
 from .methods import documented as _f
+from .scorers import reward_parts
 from .utils import load_yaml_mapping, unknown_keys_message
 
 
@@ -64,18 +66,24 @@ class TrainConfig:
                                        "FLUX.1-dev 512), SANA's Gemma-2 (300).")
     rollout_batch_size: int = _f(8, "Images sampled per forward batch on each process.")
     # --- reward
-    reward: str = _f("clip", "Reward scorer name in the scorer registry (clip, color, ...).")
-    reward_options: dict = _f({}, "Options for the reward scorer, e.g. {model: openai/clip-vit-large-patch14}.")
-    reward_scale: float = _f(1.0, "Multiplies the scorer's output. CLIP score is 100*cos: rewards spread by O(1) inside a group.")
+    reward: str | dict = _f("clip", "Reward: a scorer name of the scorer registry (clip, color, ...), or a mapping name "
+                                    "-> weight, e.g. {pickscore: 1.0, clip: 0.5}, for R = sum_k w_k * scorer_k (weights "
+                                    "may be negative, not 0).")
+    reward_options: dict = _f({}, "Options of the reward scorer, e.g. {model: openai/clip-vit-large-patch14}; with a "
+                                  "mapping reward, keyed by scorer name, e.g. {clip: {model: DIR}}.")
+    reward_scale: float = _f(1.0, "Multiplies the reward. CLIP score is 100*cos: rewards spread by O(1) inside a group.")
     # --- method
     method: str = _f("adrpo", f"One of {', '.join(available_methods())}; its parameters go in method_options.")
     method_options: dict = _f({}, "Parameters of the method, e.g. {beta0: 1.0, advantage_min: -1.0, advantage_max: 1.0} "
                                   "for adrpo; each method's are listed at the end of --help.")
     # --- loss
-    time_sampling: str = _f("uniform", "t ~ uniform (the paper) or logit_normal.")
+    time_sampling: str = _f("uniform", "t ~ uniform (the paper), logit_normal, or sampler: the times at which the rollout "
+                                       "sampler evaluates the transformer (its shifted schedule of num_inference_steps "
+                                       "steps, as Flow-GRPO, DiffusionNFT and AWM train).")
     logit_mean: float = _f(0.0, "logit_normal: mean.")
     logit_std: float = _f(1.0, "logit_normal: standard deviation.")
-    timesteps_per_sample: int = _f(1, "Fresh (noise, t) draws per rollout sample in the loss.")
+    timesteps_per_sample: int = _f(1, "Fresh (noise, t) draws per rollout sample in the loss, stratified: draw d of D "
+                                      "takes its t from the d-th D-quantile slice of time_sampling's distribution.")
     shared_noise: bool = _f(False, "The samples of one prompt group share each (noise, t) draw (on each process): "
                                    "common random numbers. Unbiased (every sample's draw keeps its distribution); with "
                                    "advantages that sum to zero per group the noise's own term cancels in the "
@@ -133,6 +141,11 @@ def _coerce(name: str, value):
     kind = _type_of(name)
     if value is None and name == "resume_from_checkpoint":
         return None
+    if name == "reward":  # a name or a mapping (validate checks both); explicit, as Python 3.14's _type_of gives str
+        if isinstance(value, (str, dict)):
+            return value
+        raise ConfigError(f"reward must be a scorer name or a mapping of scorer names to weights, got {value!r} "
+                          f"({type(value).__name__})")
     if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
             return float(value)  # YAML reads 1e-4 (no dot) as a string
@@ -171,10 +184,14 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
 def validate(cfg: TrainConfig) -> None:
     """Every check that needs no model: raises one ConfigError listing all problems."""
     problems = method_problems(cfg.method, cfg.method_options, cfg.images_per_prompt)
+    try:
+        reward_parts(cfg.reward, cfg.reward_options)
+    except ValueError as err:
+        problems += str(err).splitlines()
     if cfg.images_per_prompt < 2:
         problems.append(f"images_per_prompt (K) must be >= 2 for a group baseline, got {cfg.images_per_prompt}")
-    if cfg.time_sampling not in ("uniform", "logit_normal"):
-        problems.append(f"time_sampling must be uniform or logit_normal, got {cfg.time_sampling!r}")
+    if cfg.time_sampling not in TIME_SAMPLING:
+        problems.append(f"time_sampling must be one of {', '.join(TIME_SAMPLING)}, got {cfg.time_sampling!r}")
     if cfg.compile_mode not in COMPILE_MODES:
         problems.append(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
     if cfg.mixed_precision not in ("auto", "no", "fp16", "bf16"):
@@ -228,5 +245,6 @@ def config_from_args(argv=None) -> TrainConfig:
     for name, raw in vars(args).items():
         if name == "config":
             continue
-        overrides[name] = raw if _type_of(name) is str else yaml.safe_load(raw)
+        # str fields keep the raw text; the rest, and reward (a name or a mapping), are parsed as YAML
+        overrides[name] = raw if _type_of(name) is str and name != "reward" else yaml.safe_load(raw)
     return load_config(args.config, overrides)

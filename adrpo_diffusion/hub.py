@@ -65,6 +65,14 @@ def _heldout_line(summary: dict | None) -> str:
             f"over {summary['heldout_samples']} prompt x seed samples; those seeds were never used in training).")
 
 
+def _reward_text(reward: str | dict) -> str:
+    """The reward as the card writes it: its scorer's name, or ``1 x pickscore + 0.5 x clip - 0.2 x aesthetic`` for
+    a weighted sum of several."""
+    if isinstance(reward, str):
+        return reward
+    return " + ".join(f"{weight:g} x {name}" for name, weight in reward.items()).replace("+ -", "- ")
+
+
 def model_card(config: dict, summary: dict | None, repo_id: str, has_samples: bool) -> str:
     """The README.md of the upload folder: YAML front matter, then the card."""
     base, method = config["pretrained_model"], config["method"]
@@ -75,6 +83,7 @@ def model_card(config: dict, summary: dict | None, repo_id: str, has_samples: bo
     options = dataclasses.asdict(build_method(method, config["method_options"], config["images_per_prompt"]))
     prompts = config["prompt_file"] if isinstance(config["prompt_file"], list) else [config["prompt_file"]]
     steps = summary["steps"] if summary else config["max_steps"]
+    reward = _reward_text(config["reward"])
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         f"# {repo_id.split('/')[-1]}", "",
@@ -84,14 +93,14 @@ def model_card(config: dict, summary: dict | None, repo_id: str, has_samples: bo
         "(adrpo_diffusion: ADRPO, Adaptive Divergence Regularized Policy Optimization, and its baselines).", "",
         "## Training", "",
         f"- method: `{method}`, options `{json.dumps(options)}`",
-        f"- reward: `{config['reward']}` x {config['reward_scale']:g}, options `{json.dumps(config['reward_options'])}`",
+        f"- reward: `{reward}` x {config['reward_scale']:g}, options `{json.dumps(config['reward_options'])}`",
         f"- steps: {steps}; each samples {config['prompts_per_step']} prompts x {config['images_per_prompt']} images "
         f"at {config['resolution']} px, {config['num_inference_steps']} steps, CFG {config['guidance_scale']:g}",
         f"- prompts: {', '.join(f'`{p}`' for p in prompts)}" + (
             f", without the held-out fraction {config['heldout_fraction']:g}" if config.get("heldout_fraction") else ""),
         f"- LoRA rank {config['lora_rank']}, alpha {config['lora_alpha']:g}; learning rate {config['learning_rate']:g}; "
         f"seed {config['seed']}", "",
-        f"**Held-out reward** (`{config['reward']}`): {_heldout_line(summary)}", "",
+        f"**Held-out reward** (`{reward}`): {_heldout_line(summary)}", "",
     ]
     if has_samples:
         lines += ["## Samples", "", f"Held-out prompts and seeds after training: ![samples]({SAMPLES.as_posix()})", ""]

@@ -5,7 +5,10 @@ ADRPO and the reward-weighted baselines minimise one per-sample weighted sum of 
     L = mean_i [ w_fm_i * mse_i(v_theta, target) + w_w2_i * mse_i(v_theta, v_ref) ],
 
 and differ only in the weights they derive from the rewards of the rollout batch (:mod:`.methods`); DPO compares
-winner/loser pairs instead (:func:`flow_dpo_loss`). ``mse_i`` is the mean over all non-batch elements of sample i.
+winner/loser pairs instead (:func:`flow_dpo_loss`); DiffusionNFT contrasts implicit positive and negative policies
+around an old copy of the policy (:func:`nft_loss`); AWM weights a flow-matching "log-likelihood" by the advantage
+through a clipped ratio (:func:`awm_log_prob`, :func:`clipped_ratio_loss`). ``mse_i`` is the mean over all non-batch
+elements of sample i.
 
 Time/sign convention (DESIGN.md section 2): with data ``x1``, noise ``x0`` and ``sigma = 1 - t``,
 diffusers' input is ``x_sigma = (1 - sigma) x1 + sigma x0`` and its velocity target is ``x0 - x1 = -u_t``;
@@ -95,6 +98,70 @@ def flow_dpo_loss(
     return -F.logsigmoid(flow_dpo_margins(v_w, v_w_ref, target_w, v_l, v_l_ref, target_l, dpo_beta)).mean()
 
 
+def nft_loss(v_theta: torch.Tensor, v_old: torch.Tensor, x_t: torch.Tensor, x_data: torch.Tensor,
+             sigma: torch.Tensor, r: torch.Tensor, beta: float) -> torch.Tensor:
+    """DiffusionNFT's policy loss per sample (Zheng et al. 2025; official code ``scripts/train_nft_sd3.py``), shape
+    ``(N,)``:
+
+        v+ = beta v_theta + (1 - beta) v_old          (implicit positive policy)
+        v- = (1 + beta) v_old - beta v_theta          (implicit negative policy)
+        e± = x_t - sigma v± - x_data                  (error of the clean-data prediction x_t - sigma v±)
+        L± = mean(e±^2) / stopgrad(max(mean|e±|, 1e-5))      (means over the sample's elements)
+        loss = (r L+ + (1 - r) L-) / beta
+
+    ``x_t = (1 - sigma) x_data + sigma noise`` with ``x_data`` the clean rollout latents and ``v`` predicting
+    ``noise - x_data`` (diffusers' convention); ``sigma`` and ``r`` (the optimality probability in ``[0, 1]``) are
+    ``(N,)``; ``v_old`` is used without gradient. Computed in float32 at least.
+    """
+    dtype = torch.promote_types(v_theta.dtype, torch.float32)
+    v_theta, v_old, x_t, x_data = (x.to(dtype) for x in (v_theta, v_old.detach(), x_t, x_data))
+    sigma_b = sigma.to(dtype).view(-1, *([1] * (x_t.ndim - 1)))
+
+    def adaptive_mse(v):
+        error = (x_t - sigma_b * v - x_data).flatten(1)
+        scale = error.detach().abs().mean(dim=1).clamp(min=1e-5)
+        return error.pow(2).mean(dim=1) / scale
+
+    positive = adaptive_mse(beta * v_theta + (1 - beta) * v_old)
+    negative = adaptive_mse((1 + beta) * v_old - beta * v_theta)
+    r = r.to(dtype)
+    return (r * positive + (1 - r) * negative) / beta
+
+
+def awm_log_prob(v: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor, weighting: str = "ghuber",
+                 power: float = 0.25) -> torch.Tensor:
+    """Advantage Weighted Matching's flow-matching "log-probability" of a sample, shape ``(N,)`` (Xue et al. 2025;
+    official code ``scripts/train_sd3_awm.py``, ``compute_log_prob_awm``), with ``m = mse_i(v, target)``:
+
+        uniform: log p = -m
+        ghuber:  log p = -sigma * ((m + 1e-10)^power - (1e-10)^power) / power
+
+    ``target = noise - x_data``; ``sigma`` ``(N,)``. ``ghuber`` (a generalised Huber weighting, the official default
+    with power 0.25) grows slower than ``m`` for large errors and weights noisier inputs more. Computed in float64,
+    as the official code does (the ratio of two such values is taken next).
+    """
+    m = per_sample_mse(v.double(), target.double())
+    if weighting == "uniform":
+        return -m
+    if weighting == "ghuber":
+        return -sigma.double() * ((m + 1e-10) ** power - 1e-10**power) / power
+    raise ValueError(f"Unknown AWM weighting {weighting!r}; choose ghuber or uniform")
+
+
+def clipped_ratio_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                       clip_range: float) -> torch.Tensor:
+    """The PPO-style clipped surrogate per sample, shape ``(N,)``:
+
+        ratio = exp(log_prob - stopgrad(old_log_prob))
+        loss  = max(-A ratio, -A clip(ratio, 1 - clip_range, 1 + clip_range))
+
+    ``old_log_prob`` is the log-probability under the policy that made the rollouts.
+    """
+    ratio = torch.exp(log_prob - old_log_prob.detach())
+    advantages = advantages.to(ratio.dtype)
+    return torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range))
+
+
 def flow_matching_pair(
     x1: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,13 +177,28 @@ def flow_matching_pair(
     return x_sigma, sigma, noise - x1
 
 
-def sample_times(n: int, scheme: str, generator: torch.Generator | None = None, logit_mean: float = 0.0,
-                 logit_std: float = 1.0) -> torch.Tensor:
-    """Draw ``t`` in (0, 1): ``uniform`` (the paper) or ``logit_normal`` (``t = sigmoid(N(m, s))``, as SD3
-    pre-training)."""
-    if scheme == "uniform":
-        return torch.rand(n, generator=generator)
-    if scheme == "logit_normal":
-        return torch.sigmoid(torch.randn(n, generator=generator) * logit_std + logit_mean)
-    raise ValueError(f"Unknown time sampling {scheme!r}; choose uniform or logit_normal")
+TIME_SAMPLING = ("uniform", "logit_normal", "sampler")
 
+
+def sample_times(n: int, scheme: str, draws: int = 1, generator: torch.Generator | None = None,
+                 logit_mean: float = 0.0, logit_std: float = 1.0, sampler_t: torch.Tensor | None = None) -> torch.Tensor:
+    """``draws`` times ``t`` in (0, 1) for each of ``n`` units, shape ``(draws, n)``, stratified: draw ``d`` of a
+    unit takes ``u = (d + U) / draws`` with ``U ~ U(0, 1)``, so a unit's draws cover the distribution evenly (each
+    draw keeps the distribution of ``t`` over the choice of ``d``; the mean over draws has less variance than with
+    independent draws). ``u`` becomes ``t`` by the scheme's inverse CDF:
+
+    - ``uniform`` (the paper): ``t = u``;
+    - ``logit_normal`` (SD3 pre-training): ``t = sigmoid(logit_mean + logit_std * Phi^-1(u))``;
+    - ``sampler``: one of the ``N`` times ``sampler_t`` at which the rollout sampler evaluates the model (its
+      shifted schedule, as Flow-GRPO, DiffusionNFT and AWM train), index ``floor(u N)``.
+    """
+    u = (torch.arange(draws, dtype=torch.float32)[:, None] + torch.rand(draws, n, generator=generator)) / draws
+    if scheme == "uniform":
+        return u
+    if scheme == "logit_normal":
+        return torch.sigmoid(torch.special.ndtri(u.clamp(1e-7, 1 - 1e-7)) * logit_std + logit_mean)
+    if scheme == "sampler":
+        if sampler_t is None:
+            raise ValueError("time sampling 'sampler' needs the sampler's times (sampler_t)")
+        return sampler_t.float()[(u * len(sampler_t)).long().clamp(max=len(sampler_t) - 1)]
+    raise ValueError(f"Unknown time sampling {scheme!r}; choose {', '.join(TIME_SAMPLING)}")

@@ -8,6 +8,8 @@
         4. fresh noise and t per sample (per pair for DPO); minimise the method's loss, for ADRPO
            mean_i[w_fm_i ||v_theta - target||^2 + w_w2_i ||v_theta - v_ref||^2], with v_ref the same transformer
            with adapters disabled, under no_grad
+        5. methods with moving copies of the policy (DiffusionNFT's old policy, AWM's and ADRPO's EMA anchor) update
+           them: copy = d copy + (1 - d) policy
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ import torch
 
 from .checkpoint import checkpoint_step, list_checkpoints, load_lora_into, resolve_resume, run_files, save_checkpoint
 from .config import TrainConfig
-from .families import MergedLoRA, ModelFamily, adapters_off, check_model_source, load_family
-from .losses import sample_times
-from .methods import Method, build_method
+from .families import AdapterCopies, MergedLoRA, ModelFamily, adapters_off, check_model_source, load_family
+from .losses import flow_matching_pair, sample_times
+from .methods import FlowBatch, Method, build_method
 from .prompts import PromptSampler, split_prompts
-from .scorers import build_scorer, check_scorer
+from .scorers import build_reward, check_reward
 from .utils import image_grid, mean_and_se
 
 
@@ -55,21 +57,35 @@ def _flat_config(cfg: TrainConfig) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in dataclasses.asdict(cfg).items()}
 
 
+def _paired_change(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
+    """Means before and after, and the mean of the paired change with its standard error."""
+    improvement, se = mean_and_se(after - before)
+    return {"before": before.mean().item(), "after": after.mean().item(), "improvement": improvement,
+            "improvement_se": float("nan") if se is None else se}
+
+
+def _change_line(change: dict[str, float]) -> str:
+    return (f"before {change['before']:.4f} -> after {change['after']:.4f} (change {change['improvement']:+.4f} +- "
+            f"{change['improvement_se']:.4f} SE, paired)")
+
+
 def eval_prompt_indices(num_prompts: int, count: int) -> list[int]:
     """A fixed, evenly spread subset of the prompt list for held-out evaluation."""
     count = min(count, num_prompts)
     return sorted({round(i * num_prompts / count) for i in range(count)}) if count else []
 
 
-def micro_batch_loss(method: Method, family: ModelFamily, model, reference, x1, noise, t, cond, values):
-    """The loss of one micro-batch: the family's ``(x_sigma, timestep, target)`` from the rollout latents, noise and
-    t; ``v_ref = reference(x_sigma, timestep, cond)`` (:meth:`ModelFamily.reference`: adapters off, no gradient;
-    skipped when ``reference`` is None); ``v_theta`` from the policy ``model``; then the method's loss. Returns
-    ``(loss, parts)``."""
-    x_sigma, timestep, target = family.flow_matching_pair(x1, noise, t)
-    v_ref = None if reference is None else reference(x_sigma, timestep, cond)
+def micro_batch_loss(method: Method, family: ModelFamily, model, anchors: dict, x1, noise, t, cond, values):
+    """The loss of one micro-batch: ``(x_sigma, sigma, target)`` from the rollout latents, noise and t
+    (:func:`.losses.flow_matching_pair`) and the family's timestep at ``sigma``; each anchor's velocity
+    ``anchors[name](x_sigma, timestep, cond)`` (:meth:`ModelFamily.reference`: the base with adapters off, or a copy
+    of the policy; no gradient); ``v_theta`` from the policy ``model``; then the method's loss on that
+    :class:`.methods.FlowBatch`. Returns ``(loss, parts)``."""
+    x_sigma, sigma, target = flow_matching_pair(x1, noise, t)
+    timestep = family.timestep(sigma)
+    velocities = {name: anchor(x_sigma, timestep, cond) for name, anchor in anchors.items()}
     v_theta = family.velocity(model, x_sigma, timestep, cond)
-    return method.loss(v_theta, v_ref, target, values)
+    return method.loss(FlowBatch(x1, x_sigma, sigma, target, v_theta, velocities), values)
 
 
 class Trainer:
@@ -80,7 +96,7 @@ class Trainer:
         # check samples; without a held-out split that check uses training prompts with unseen seeds.
         training, heldout = split_prompts(cfg.prompt_file, cfg.heldout_fraction)
         self.prompts, self.num_training_prompts = training + heldout, len(training)
-        check_scorer(cfg.reward, cfg.reward_options, self.prompts)
+        check_reward(cfg.reward, cfg.reward_options, self.prompts)
         check_model_source(cfg.pretrained_model)
         self.output_dir = Path(cfg.output_dir)
         self.checkpoints_dir = self.output_dir / "checkpoints"
@@ -130,7 +146,7 @@ class Trainer:
         self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed, torch.float32)
 
         # The reward model first: if its weights are missing, say so before the large download/load.
-        self.scorer = build_scorer(cfg.reward, **cfg.reward_options)
+        self.scorer = build_reward(cfg.reward, cfg.reward_options)
         self.scorer.to(acc.device)
         # Models: frozen base in weight_dtype, LoRA in fp32.
         self.family = family = load_family(cfg.pretrained_model, dtype=self.weight_dtype,
@@ -146,6 +162,9 @@ class Trainer:
         self.cache = family.encode_prompts(self.prompts, acc.device, self.weight_dtype, cfg.max_sequence_length)
         family.free_text_encoders()
         gc.collect()
+        # time_sampling: sampler trains at the times where the rollouts evaluate the transformer (t = 1 - sigma)
+        self.sampler_t = (1.0 - family.sampler_sigmas(self.cache, cfg.num_inference_steps, cfg.resolution)
+                          if cfg.time_sampling == "sampler" else None)
 
         self.transformer = pipe.transformer
         self.lora_config = family.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
@@ -154,6 +173,8 @@ class Trainer:
         from diffusers.training_utils import cast_training_params
 
         cast_training_params(self.transformer, dtype=torch.float32)
+        # The method's moving copies of the policy: extra adapters of the LoRA's shape (no copy of the base weights).
+        self.copies = AdapterCopies(self.transformer, self.lora_config, self.method.copies()) if self.method.copies() else None
         if cfg.compile_transformer:
             mode = None if cfg.compile_mode == "default" else cfg.compile_mode  # other backends than inductor take no mode
             family.compile_repeated_blocks(backend=cfg.compile_backend, mode=mode, dynamic=True)
@@ -169,7 +190,7 @@ class Trainer:
                                           num_training_steps=cfg.max_steps)
         self.model, self.optimizer = acc.prepare(self.transformer, optimizer)
         self.sampler = PromptSampler(self.num_training_prompts, cfg.seed)
-        acc.register_for_checkpointing(self.lr_scheduler, self.sampler)
+        acc.register_for_checkpointing(self.lr_scheduler, self.sampler, *([self.copies] if self.copies else []))
         acc.register_save_state_pre_hook(self._save_lora_hook)
         acc.register_load_state_pre_hook(self._load_lora_hook)
 
@@ -218,16 +239,20 @@ class Trainer:
             kept = [line for line in self.metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
             self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
-    def _policy_rollouts(self, indices: list[int], generators=None, adapters: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final latents and decoded images of the policy (``adapters=False``: of the base model)."""
+    def _policy_rollouts(self, indices: list[int], generators=None, adapters: bool = True,
+                         copy: str = "default") -> tuple[torch.Tensor, torch.Tensor]:
+        """Final latents and decoded images of the policy (``adapters=False``: of the base model; ``copy``: of one of
+        the method's copies of the policy instead, e.g. DiffusionNFT's old policy)."""
         cfg = self.cfg
+        model = contextlib.ExitStack()
         if not adapters:
-            model = adapters_off(self.accelerator.unwrap_model(self.model))
-        elif self.merged_lora is not None:  # its rounding noise is seeded by (seed, step): resumes exactly
-            generator = torch.Generator(self.accelerator.device).manual_seed(cfg.seed * 1_000_003 + self.step)
-            model = self.merged_lora(generator)
+            model.enter_context(adapters_off(self.accelerator.unwrap_model(self.model)))
         else:
-            model = contextlib.nullcontext()
+            if copy != "default":
+                model.enter_context(self.copies.active(copy))
+            if self.merged_lora is not None:  # its rounding noise is seeded by (seed, step): resumes exactly
+                generator = torch.Generator(self.accelerator.device).manual_seed(cfg.seed * 1_000_003 + self.step)
+                model.enter_context(self.merged_lora(generator))  # merges the active adapter
         self.model.eval()  # rollouts in inference mode (the train step sets train mode); one compiled graph each
         with model, self.accelerator.autocast():
             x1 = self.family.sample(self.cache, indices, num_inference_steps=cfg.num_inference_steps,
@@ -235,20 +260,24 @@ class Trainer:
             images = self.family.decode(x1, cfg.rollout_batch_size)
         return x1, images
 
-    def _score(self, images: torch.Tensor, indices: list[int]) -> torch.Tensor:
-        prompts = [self.prompts[i] for i in indices]
-        return self.scorer.score(images, prompts).to(self.accelerator.device) * self.cfg.reward_scale
+    def _score(self, images: torch.Tensor, indices: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The reward ``reward_scale * sum_k w_k scorer_k(image, prompt)`` of each image, and each part's raw score."""
+        parts = self.scorer.score_parts(images, [self.prompts[i] for i in indices])
+        device = self.accelerator.device
+        return self.scorer.combine(parts).to(device) * self.cfg.reward_scale, {k: v.to(device) for k, v in parts.items()}
 
     @torch.no_grad()
-    def heldout_rewards(self, adapters: bool = True, seeds=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rewards and images of the held-out (prompt, seed) pairs; seeded generators, global RNG untouched."""
+    def heldout_rewards(self, adapters: bool = True, seeds=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Rewards, images and each reward part's raw scores of the held-out (prompt, seed) pairs; seeded generators,
+        global RNG untouched."""
         seeds = self.cfg.eval_seeds if seeds is None else seeds
         pairs = [(i, s) for s in seeds for i in self.eval_indices]
         if not pairs:
-            return torch.zeros(0), torch.zeros(0)
+            return torch.zeros(0), torch.zeros(0), {}
         generators = [torch.Generator().manual_seed(s * 100_003 + i) for i, s in pairs]
         _, images = self._policy_rollouts([i for i, _ in pairs], generators, adapters)
-        return self._score(images, [i for i, _ in pairs]).cpu(), images
+        rewards, parts = self._score(images, [i for i, _ in pairs])
+        return rewards.cpu(), images, {k: v.cpu() for k, v in parts.items()}
 
     def _save_samples(self, images: torch.Tensor, name: str) -> None:
         if not len(images):  # eval_prompts: 0
@@ -272,12 +301,13 @@ class Trainer:
         global_group = torch.arange(total, device=acc.device) // K
         local_prompt = global_prompt[rank * n_local : (rank + 1) * n_local]
         t0 = time.perf_counter()
-        x1, images = self._policy_rollouts(local_prompt)
+        x1, images = self._policy_rollouts(local_prompt, copy=self.method.rollout_adapter)
         t1 = time.perf_counter()
 
         # 2. rewards; 3. the method's plan from the whole (gathered) batch, so every group is complete.
-        rewards = self._score(images, local_prompt)
+        rewards, parts = self._score(images, local_prompt)
         all_rewards = acc.gather(rewards.float())
+        part_means = {f"reward_{name}": acc.gather(part.float()).mean().item() for name, part in parts.items()}
         plan = self.method.plan(all_rewards, global_group, rank, n_local)
         t2 = time.perf_counter()
 
@@ -291,6 +321,10 @@ class Trainer:
         if finite and plan.global_units:
             self.optimizer.step()
             self.lr_scheduler.step()  # the schedule counts applied updates
+        # 5. the method's copies of the policy follow it: copy = d copy + (1 - d) policy
+        decays = {name: self.method.copy_decay(name, self.step + 1) for name in self.method.copies()}
+        for name, decay in decays.items():
+            self.copies.update(name, decay)
         if finite:
             self.nonfinite_in_a_row = 0
         else:
@@ -306,8 +340,10 @@ class Trainer:
         return {
             "reward_mean": all_rewards.mean().item(),
             "reward_std": all_rewards.std().item(),
+            **part_means,
             **plan.metrics,
             **losses,
+            **{f"{name}_decay": decay for name, decay in decays.items()},
             "grad_norm": grad_norm.item(),
             "lr": self.lr_scheduler.get_last_lr()[0],
             "skipped_nonfinite": int(not finite),
@@ -333,18 +369,22 @@ class Trainer:
         # which (noise, t) draw each unit takes: its own, or its group's; a fresh one for each of the ``draws`` repeats
         owner = groups[units[:, 0]] if cfg.shared_noise else torch.arange(len(units))
         owner = torch.unique(owner, return_inverse=True)[1]
-        owner = (owner + (owner.max() + 1) * torch.arange(draws)[:, None]).flatten()
+        n_owners = int(owner.max()) + 1
+        owner = (owner + n_owners * torch.arange(draws)[:, None]).flatten()
         units = units.repeat(draws, 1)
         total = plan.global_units * draws
         rows = units.flatten()
         cond = self.cache.select([local_prompt[i] for i in rows.tolist()], acc.device, self.weight_dtype)
         x1_rep = x1[rows]
         values = {k: v[rows] for k, v in plan.values.items()}
-        n_draws = int(owner.max()) + 1
-        noise = torch.randn((n_draws, *x1.shape[1:]), dtype=torch.float32).to(acc.device, x1.dtype)
-        t = sample_times(n_draws, cfg.time_sampling, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std).to(acc.device)
+        noise = torch.randn((n_owners * draws, *x1.shape[1:]), dtype=torch.float32).to(acc.device, x1.dtype)
+        t = sample_times(n_owners, cfg.time_sampling, draws, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+                         sampler_t=self.sampler_t).flatten().to(acc.device)  # stratified over each owner's draws
         noise, t = noise[owner].repeat_interleave(plan.unit, dim=0), t[owner].repeat_interleave(plan.unit)
-        reference = self.family.reference(acc.unwrap_model(self.model)) if plan.needs_reference else None
+        unwrapped = acc.unwrap_model(self.model)
+        anchors = {name: self.family.reference(unwrapped) if name == "reference" else
+                   self.family.reference(unwrapped, context=lambda _, name=name: self.copies.active(name))
+                   for name in plan.anchors}
         self.model.train()
         sums = {}
         per_batch = max(1, cfg.train_batch_size // plan.unit)
@@ -354,7 +394,7 @@ class Trainer:
             # gradients are all-reduced once, on the last micro-batch
             sync = acc.no_sync(self.model) if k < len(starts) - 1 else contextlib.nullcontext()
             with sync, acc.autocast():
-                loss, parts = micro_batch_loss(self.method, self.family, self.model, reference, x1_rep[sl], noise[sl],
+                loss, parts = micro_batch_loss(self.method, self.family, self.model, anchors, x1_rep[sl], noise[sl],
                                                t[sl], {k: v[sl] for k, v in cond.items()},
                                                {key: v[sl] for key, v in values.items()})
                 share = 0.0 if placeholder else x1_rep[sl].shape[0] // plan.unit * acc.num_processes / total
@@ -371,7 +411,7 @@ class Trainer:
 
         check = bool(self.eval_indices)  # eval_prompts: 0 skips the held-out check (callers that measure their own)
         if check:
-            before, _ = self.heldout_rewards(adapters=False)
+            before, _, before_parts = self.heldout_rewards(adapters=False)
             self._log(f"held-out reward of the base model: {before.mean().item():.4f}")
         progress = tqdm(total=cfg.max_steps, initial=self.step, desc="ADRPO steps" if cfg.method == "adrpo" else cfg.method,
                         disable=not acc.is_main_process)
@@ -398,7 +438,7 @@ class Trainer:
             if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0:
                 save_checkpoint(acc, self.checkpoints_dir, self.step, cfg.checkpoints_total_limit, dataclasses.asdict(cfg))
             if cfg.sample_every and self.step % cfg.sample_every == 0 and acc.is_main_process:
-                _, images = self.heldout_rewards(seeds=cfg.eval_seeds[:1])
+                _, images, _ = self.heldout_rewards(seeds=cfg.eval_seeds[:1])
                 self._save_samples(images, f"step-{self.step}")
         progress.close()
 
@@ -410,24 +450,26 @@ class Trainer:
         if not check:
             acc.end_training()
             return {"steps": self.step}
-        after, images = self.heldout_rewards(adapters=True)
+        after, images, after_parts = self.heldout_rewards(adapters=True)
         # Paired over the same (prompt, seed) pairs, so seed noise cancels in the difference.
-        diff = after - before
-        improvement, se = mean_and_se(diff)
+        change = _paired_change(before, after)
         summary = {
-            "steps": self.step, "heldout_samples": diff.numel(),
+            "steps": self.step, "heldout_samples": after.numel(),
             "heldout_prompts": "held-out split" if len(self.prompts) > self.num_training_prompts
                                else "training prompts, unseen seeds",
-            "heldout_reward_before": before.mean().item(), "heldout_reward_after": after.mean().item(),
-            "heldout_improvement": improvement, "heldout_improvement_se": float("nan") if se is None else se,
+            "heldout_reward_before": change["before"], "heldout_reward_after": change["after"],
+            "heldout_improvement": change["improvement"], "heldout_improvement_se": change["improvement_se"],
+            # each part of the reward, raw (without its weight and reward_scale)
+            "heldout_parts": {name: _paired_change(before_parts[name], after_parts[name]) for name in after_parts},
         }
         if acc.is_main_process:
             self._save_samples(images, "final")
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self._log(f"held-out reward (mean over {len(self.eval_indices)} prompts x {len(cfg.eval_seeds)} seeds; "
-                  f"{summary['heldout_prompts']}): "
-                  f"before {summary['heldout_reward_before']:.4f} -> after {summary['heldout_reward_after']:.4f} "
-                  f"(change {summary['heldout_improvement']:+.4f} +- {summary['heldout_improvement_se']:.4f} SE, paired)")
+                  f"{summary['heldout_prompts']}): {_change_line(change)}")
+        if len(after_parts) > 1:
+            for name, part in summary["heldout_parts"].items():
+                self._log(f"  {name} (raw, weight {self.scorer.weights[name]:g}): {_change_line(part)}")
         acc.end_training()
         return summary
 

@@ -6,8 +6,31 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from adrpo_diffusion.advantages import group_advantages, group_means
+from adrpo_diffusion.advantages import group_advantages, group_means, normalized_advantages
 from adrpo_diffusion.methods import build_method
+
+
+def test_normalized_advantages_against_numpy_and_scale_invariance():
+    """(R - group mean) / max(std, eps), std the population std over the group or the whole batch (numpy's default,
+    as Flow-GRPO and DiffusionNFT compute it)."""
+    rng = np.random.default_rng(1)
+    rewards = rng.normal(size=9) * 2 + 5
+    rewards[6:] = 3.0  # a group whose rewards are all equal
+    groups = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    centred = np.array([rewards[i] - rewards[groups == groups[i]].mean() for i in range(9)])
+    group_std = np.array([rewards[groups == groups[i]].std() for i in range(9)])
+    r, g = torch.tensor(rewards), torch.tensor(groups)
+    a, divisor = normalized_advantages(r, g, "group_std", eps=1e-4)
+    assert np.allclose(a.numpy(), centred / np.maximum(group_std, 1e-4)) and np.all(a.numpy()[6:] == 0)
+    assert np.allclose(divisor.numpy(), np.maximum(group_std, 1e-4))
+    b, _ = normalized_advantages(r, g, "batch_std")
+    assert np.allclose(b.numpy(), centred / rewards.std())
+    none, ones = normalized_advantages(r, g, "none")
+    assert np.allclose(none.numpy(), centred) and torch.equal(ones, torch.ones(9, dtype=torch.float64))
+    for mode in ("group_std", "batch_std"):  # a reward times 5 (or plus a constant) gives the same advantages
+        assert torch.allclose(normalized_advantages(5 * r + 2, g, mode)[0], normalized_advantages(r, g, mode)[0])
+    with pytest.raises(ValueError, match="none, group_std, batch_std"):
+        normalized_advantages(r, g, "rank")
 
 
 def test_group_advantages_against_numpy():

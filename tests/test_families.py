@@ -107,14 +107,75 @@ def _metrics(directory):
     return [{k: v for k, v in row.items() if not k.startswith("seconds_")} for row in rows]
 
 
-@pytest.mark.parametrize("name", ["flux", "sana"])
-def test_family_trains_resumes_exactly_and_exports_a_lora_its_pipeline_loads(tmp_path, name):
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_sampler_sigmas_are_the_noise_levels_of_the_familys_own_schedule(name):
+    """``time_sampling: sampler`` trains where the rollouts evaluate the model: the recorded levels are the schedule
+    that the pipeline's own scheduler holds after the rollout (shift and all), from pure noise down."""
+    family = load_family(BUILTIN[name])
+    family.pipe.set_progress_bar_config(disable=True)
+    cache = family.encode_prompts(["a red circle"], "cpu", torch.float32, 8)
+    sigmas = family.sampler_sigmas(cache, num_inference_steps=6, resolution=32)
+    scheduled = family.pipe.scheduler.sigmas[:6].float()
+    # SANA's DPM-Solver hands the transformer integer timesteps (999 for sigma 0.9997): what the model sees is kept
+    assert sigmas.shape == (6,) and torch.allclose(sigmas, scheduled, atol=1e-3 if name == "sana" else 1e-5)
+    assert sigmas[0] == pytest.approx(1.0, abs=1e-3) and torch.all(sigmas[1:] < sigmas[:-1]) and sigmas[-1] > 0
+
+
+def test_adapter_copies_follow_the_policy_and_stay_out_of_the_export(tmp_path):
+    """The old/EMA copies of the policy are extra adapters: equal to the policy at the start, updated as
+    d copy + (1 - d) policy, frozen, in the checkpoint state, and never in the exported LoRA."""
+    from adrpo_diffusion.families import AdapterCopies
+
+    family = load_family(BUILTIN["sd3"])
+    transformer = family.transformer
+    config = family.add_lora(4, 8.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for key, param in transformer.named_parameters():
+            if "lora_B" in key:
+                param.normal_(0, 0.1, generator=g)
+    policy = {k: p for k, p in transformer.named_parameters() if p.requires_grad}
+    copies = AdapterCopies(transformer, config, ["old", "ema"])
+    assert {k for k, p in transformer.named_parameters() if p.requires_grad} == set(policy)  # only the policy trains
+    x, timestep = torch.randn(2, 4, 16, 16, generator=g), family.timestep(torch.tensor([0.3, 0.8]))
+    cond = family.encode_prompts(["a", "b"], "cpu", torch.float32, 8).select([0, 1], "cpu", torch.float32)
+    with torch.no_grad():
+        before = family.velocity(transformer, x, timestep, cond)
+        with copies.active("old"):
+            assert torch.equal(family.velocity(transformer, x, timestep, cond), before)
+        assert {k for k, p in transformer.named_parameters() if p.requires_grad} == set(policy)
+        first = {k: p.clone() for k, p in policy.items()}
+        for param in policy.values():
+            param.add_(torch.randn(param.shape, generator=g) * 0.1)  # the policy moves on
+        copies.update("old", 0.25)
+    params = dict(transformer.named_parameters())
+    for key in policy:
+        expected = 0.25 * first[key] + 0.75 * policy[key]
+        assert torch.allclose(params[key.replace(".default.", ".old.")], expected, atol=1e-7)
+        assert torch.equal(params[key.replace(".default.", ".ema.")], first[key])  # untouched
+    with torch.no_grad(), copies.active("ema"):
+        assert torch.allclose(family.velocity(transformer, x, timestep, cond), before, atol=1e-6)
+
+    state = copies.state_dict()
+    copies.reset()
+    assert not all(torch.equal(state[k], v) for k, v in copies.state_dict().items())
+    copies.load_state_dict(state)
+    assert all(torch.equal(state[k], v) for k, v in copies.state_dict().items())
+    with pytest.raises(ValueError, match="do not match"):
+        copies.load_state_dict({k: v for k, v in state.items() if k.startswith("old/")})
+
+    exported = load_file(str(family.export_lora(transformer, config, tmp_path)))
+    assert len(exported) == len(policy) and not any(".old." in k or ".ema." in k for k in exported)
+
+
+@pytest.mark.parametrize("name, method", [("flux", "adrpo"), ("sana", "adrpo"), ("flux", "nft"), ("sana", "awm")])
+def test_family_trains_resumes_exactly_and_exports_a_lora_its_pipeline_loads(tmp_path, name, method):
     """rollout -> reward -> loss -> step on the family's tiny pipeline; 2 steps == 1 + resume + 1 to the bit; the LoRA
     (alpha != r) loads with the family's own ``load_lora_weights`` on a fresh pipeline and reproduces the trained
     transformer's velocity."""
 
     def config(run, **extra):
-        return load_config(CONFIG[name], {**SMALL, "output_dir": str(tmp_path / run), **extra})
+        return load_config(CONFIG[name], {**SMALL, "method": method, "output_dir": str(tmp_path / run), **extra})
 
     full = Trainer(config("full", max_steps=2))
     full.train()

@@ -1,6 +1,7 @@
 """adrpo-push offline: the model card and upload folder of a real (1-step, tiny) run, and the Hub calls it would make
 (huggingface_hub's HfApi methods replaced by recorders)."""
 
+import dataclasses
 import json
 import shutil
 
@@ -88,3 +89,11 @@ def test_card_of_an_sd3_run_names_its_base_and_license(run_dir):
     assert front["base_model"] == "stabilityai/stable-diffusion-3-medium-diffusers"
     assert front["license_name"] == "stabilityai-ai-community" and "raft" in front["tags"]
     assert "StableDiffusion3Pipeline.from_pretrained" in card and '`{"top_k": 1}`' in card
+
+
+def test_card_writes_a_reward_mapping_as_its_weighted_sum():
+    config = dataclasses.asdict(load_config("configs/tiny_shapes_cpu.yaml", {
+        "reward": {"color": 1.0, "shapes": 0.5, "clip": -0.25}, "reward_options": {"clip": {"model": "DIR"}}}))
+    card = model_card(config, None, "me/shapes", has_samples=False)
+    assert '- reward: `1 x color + 0.5 x shapes - 0.25 x clip` x 20, options `{"clip": {"model": "DIR"}}`' in card
+    assert "**Held-out reward** (`1 x color + 0.5 x shapes - 0.25 x clip`): not measured" in card

@@ -105,3 +105,101 @@ def test_time_sampling():
         assert t.min() > 0 and t.max() < 1
     with pytest.raises(ValueError):
         sample_times(3, "beta")
+
+
+def _nft_by_hand(v, v_old, x_t, x0, sigma, r, beta):
+    """DiffusionNFT's per-sample loss and its gradient in v, written out in numpy (float64)."""
+    losses, grads = [], []
+    for i in range(len(v)):
+        vi, oi, xi, di = (a[i].numpy().ravel() for a in (v, v_old, x_t, x0))
+        s = sigma[i].item()
+        e_pos = xi - s * (beta * vi + (1 - beta) * oi) - di
+        e_neg = xi - s * ((1 + beta) * oi - beta * vi) - di
+        w_pos, w_neg = max(np.abs(e_pos).mean(), 1e-5), max(np.abs(e_neg).mean(), 1e-5)
+        n = e_pos.size
+        losses.append((r[i].item() * np.mean(e_pos**2) / w_pos + (1 - r[i].item()) * np.mean(e_neg**2) / w_neg) / beta)
+        # d/dv of e_pos^2 is -2 s beta e_pos, of e_neg^2 is +2 s beta e_neg (the weights w are constants)
+        grads.append(2 * s / n * (-r[i].item() * e_pos / w_pos + (1 - r[i].item()) * e_neg / w_neg))
+    return np.array(losses), np.stack(grads)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.1])
+def test_nft_loss_matches_a_computation_by_hand_in_value_and_gradient(beta):
+    from adrpo_diffusion.losses import nft_loss
+
+    shape = (4, 3, 2, 2)
+    x0, noise, v_old = _rand(*shape, seed=1), _rand(*shape, seed=2), _rand(*shape, seed=3)
+    sigma = torch.tensor([0.1, 0.4, 0.7, 1.0], dtype=torch.float64)
+    x_t = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
+    r = torch.tensor([0.0, 0.3, 0.5, 1.0], dtype=torch.float64)
+    v = _rand(*shape, seed=4).requires_grad_(True)
+    loss = nft_loss(v, v_old, x_t, x0, sigma, r, beta)
+    expected, expected_grad = _nft_by_hand(v.detach(), v_old, x_t, x0, sigma, r, beta)
+    assert loss.shape == (4,) and np.allclose(loss.detach().numpy(), expected, rtol=1e-12)
+    loss.sum().backward()
+    assert np.allclose(v.grad.numpy().reshape(4, -1), expected_grad, rtol=1e-10, atol=1e-14)
+
+
+def test_nft_loss_is_stationary_at_the_old_policy_for_r_one_half():
+    """r = 1/2 (a zero advantage): v+ and v- pull equally in opposite directions around v_old."""
+    from adrpo_diffusion.losses import nft_loss
+
+    x0, noise, v_old = _rand(3, 8, seed=1), _rand(3, 8, seed=2), _rand(3, 8, seed=3)
+    sigma = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
+    x_t = (1 - sigma[:, None]) * x0 + sigma[:, None] * noise
+    v = v_old.clone().requires_grad_(True)
+    nft_loss(v, v_old, x_t, x0, sigma, torch.full((3,), 0.5, dtype=torch.float64), 1.0).sum().backward()
+    assert v.grad.abs().max() < 1e-12
+    v.grad = None  # and r = 1 pulls v towards the data: x_t - sigma v closer to x0 after a small step
+    nft_loss(v, v_old, x_t, x0, sigma, torch.ones(3, dtype=torch.float64), 1.0).sum().backward()
+    stepped = v.detach() - 1e-3 * v.grad
+    assert per_sample_mse(x_t - sigma[:, None] * stepped, x0).sum() < per_sample_mse(x_t - sigma[:, None] * v_old, x0).sum()
+
+
+def test_awm_log_prob_and_clipped_ratio_match_a_computation_by_hand():
+    from adrpo_diffusion.losses import awm_log_prob, clipped_ratio_loss
+
+    v, target = _rand(5, 2, 3, 3, seed=1), _rand(5, 2, 3, 3, seed=2)
+    sigma = torch.tensor([0.05, 0.3, 0.5, 0.8, 1.0], dtype=torch.float64)
+    m = ((v - target) ** 2).numpy().reshape(5, -1).mean(axis=1)
+    assert np.allclose(awm_log_prob(v, target, sigma, "uniform").numpy(), -m, rtol=1e-14)
+    p = 0.25
+    ghuber = -sigma.numpy() * ((m + 1e-10) ** p - 1e-10**p) / p
+    assert np.allclose(awm_log_prob(v, target, sigma, "ghuber", p).numpy(), ghuber, rtol=1e-12)
+    with pytest.raises(ValueError, match="ghuber or uniform"):
+        awm_log_prob(v, target, sigma, "huber")
+
+    # the clipped surrogate, on ratios inside and outside [1 - c, 1 + c], for both signs of A
+    log_prob = torch.tensor([0.0, 0.5, -0.5, 0.5, -0.5, 0.05], dtype=torch.float64, requires_grad=True)
+    old = torch.zeros(6, dtype=torch.float64)
+    adv = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -2.0], dtype=torch.float64)
+    c = 0.2
+    loss = clipped_ratio_loss(log_prob, old, adv, c)
+    ratio = np.exp(log_prob.detach().numpy())
+    expected = np.maximum(-adv.numpy() * ratio, -adv.numpy() * np.clip(ratio, 1 - c, 1 + c))
+    assert np.allclose(loss.detach().numpy(), expected, rtol=1e-14)
+    loss.sum().backward()
+    # d ratio / d log p = ratio: the gradient is -A ratio inside the clip range, and outside it where the unclipped
+    # term is the larger one; 0 where the clipped (constant) term wins
+    inside = (ratio > 1 - c) & (ratio < 1 + c)
+    unclipped_wins = -adv.numpy() * ratio > -adv.numpy() * np.clip(ratio, 1 - c, 1 + c)
+    assert np.allclose(log_prob.grad.numpy(), np.where(inside | unclipped_wins, -adv.numpy() * ratio, 0.0), atol=1e-14)
+    assert log_prob.grad[1] == 0 and log_prob.grad[4] == 0  # past the clip in the direction A pushes: no gradient
+
+
+def test_stratified_times_cover_each_stratum_once():
+    g = torch.Generator().manual_seed(0)
+    t = sample_times(500, "uniform", draws=4, generator=g)
+    assert t.shape == (4, 500)
+    assert all(((t[d] >= d / 4) & (t[d] < (d + 1) / 4)).all() for d in range(4))  # draw d in its quarter
+    logit = sample_times(2000, "logit_normal", draws=1, generator=g, logit_mean=0.5, logit_std=1.2)
+    logits = torch.logit(logit)
+    assert abs(logits.mean() - 0.5) < 0.08 and abs(logits.std() - 1.2) < 0.08  # the inverse CDF keeps the law
+    sampler_t = torch.tensor([0.0, 0.2, 0.5, 0.7, 0.9])
+    s = sample_times(300, "sampler", draws=5, generator=g, sampler_t=sampler_t)
+    assert all(torch.equal(s[d], torch.full((300,), sampler_t[d].item())) for d in range(5))  # one time per stratum
+    one = sample_times(3000, "sampler", generator=g, sampler_t=sampler_t)
+    counts = torch.stack([(one == v).sum() for v in sampler_t])
+    assert counts.sum() == 3000 and counts.min() > 500  # each sampler time about 600 times
+    with pytest.raises(ValueError, match="sampler_t"):
+        sample_times(3, "sampler")

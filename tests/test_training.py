@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from adrpo_diffusion.config import load_config
+from adrpo_diffusion.methods import available_methods
 from adrpo_diffusion.trainer import NonFiniteLossError, Trainer
 
 REQUIRED_METRICS = {
@@ -39,6 +40,17 @@ def test_tiny_default_improves_the_heldout_reward(tmp_path, tiny_sd3_dir):
     assert all(REQUIRED_METRICS <= set(m) for m in lines)
     assert (tmp_path / "run" / "samples" / "final.png").is_file()
     assert [p.name for p in sorted((tmp_path / "run" / "checkpoints").iterdir())] == ["step-40", "step-60"]  # keep 2
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_every_method_trains(tmp_path, tiny_sd3_dir, method):
+    """Each registered method takes two finite steps that move the LoRA away from its start."""
+    trainer = Trainer(small_config(tmp_path / "run", method=method, max_steps=2, eval_prompts=0, checkpointing_steps=0))
+    start = {k: v.clone() for k, v in trainer.transformer.named_parameters() if v.requires_grad}
+    trainer.train()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["skipped_nonfinite"] == 0 and m["skipped_empty"] == 0 and m["grad_norm"] > 0 for m in lines)
+    assert any(not torch.equal(v, start[k]) for k, v in trainer.transformer.named_parameters() if k in start)
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_sd3_dir):
@@ -118,9 +130,17 @@ def test_exported_lora_loads_in_a_fresh_diffusers_pipeline(tmp_path, tiny_sd3_di
     assert torch.allclose(loaded, trained, atol=1e-5)  # and loads at the trained strength (alpha / r = 2)
 
 
-def test_dpo_from_the_command_line_resumes_exactly_and_its_lora_loads(tmp_path, tiny_sd3_dir):
-    """adrpo-train --method dpo: 4 steps == 2 + resume + 2 to the bit; pairs, metrics; the LoRA (alpha != r) loads
-    in a fresh diffusers pipeline at the strength the trainer's own resume path gives it."""
+@pytest.mark.parametrize("method, options, metrics", [
+    ("dpo", "{}", {"dpo_accuracy", "dpo_margin", "w2_divergence"}),
+    ("nft", "{}", {"nft_r_mean", "old_divergence", "old_decay", "w2_divergence", "advantage_divisor_mean"}),
+    ("awm", "{}", {"awm_log_prob", "awm_clip_fraction", "ema_divergence", "ema_decay", "w2_divergence"}),
+    ("adrpo", "{anchor: ema, anchor_decay: 0.5}", {"anchor_divergence", "w2_divergence", "ema_decay"}),
+])
+def test_method_from_the_command_line_resumes_exactly_and_its_lora_loads(tmp_path, tiny_sd3_dir, method, options,
+                                                                          metrics):
+    """adrpo-train --method M: 4 steps == 2 + resume + 2 to the bit (the methods' copies of the policy, NFT's old
+    policy that samples the rollouts and the EMA anchors, are in the checkpoint); the LoRA (alpha != r) loads in a
+    fresh diffusers pipeline at the strength the trainer's own resume path gives it. DPO: its pairs."""
     import math
 
     from diffusers import StableDiffusion3Pipeline
@@ -131,7 +151,8 @@ def test_dpo_from_the_command_line_resumes_exactly_and_its_lora_loads(tmp_path, 
     from adrpo_diffusion.families.sd3 import SD3Family
 
     def run(name, *extra):
-        argv = ["--config", "configs/tiny_cpu.yaml", "--method", "dpo", "--output_dir", str(tmp_path / name),
+        argv = ["--config", "configs/tiny_cpu.yaml", "--method", method, "--method_options", options,
+                "--output_dir", str(tmp_path / name),
                 "--prompts_per_step", "2", "--images_per_prompt", "4", "--timesteps_per_sample", "1",
                 "--eval_prompts", "0", "--sample_every", "0", "--checkpointing_steps", "2", "--lora_alpha", "16", *extra]
         assert cli.train_main(argv) == 0
@@ -145,9 +166,14 @@ def test_dpo_from_the_command_line_resumes_exactly_and_its_lora_loads(tmp_path, 
     rows = [{k: v for k, v in row.items() if not k.startswith("seconds_")} for row in lines]
     assert rows == [{k: v for k, v in json.loads(line).items() if not k.startswith("seconds_")}
                     for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
-    assert all(m["dpo_pairs"] == 2 and m["dpo_groups_skipped"] == 0 and m["skipped_empty"] == 0 for m in lines)
-    assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the policy starts at the reference
-    assert {"dpo_accuracy", "dpo_margin", "w2_divergence", "grad_norm"} <= set(lines[-1])
+    assert all(metrics | {"grad_norm", "loss"} <= set(m) and m["skipped_empty"] == 0 for m in lines)
+    assert lines[-1]["w2_divergence"] > 0  # it trained away from the base
+    if method == "dpo":
+        assert all(m["dpo_pairs"] == 2 and m["dpo_groups_skipped"] == 0 for m in lines)
+        assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the policy starts at the reference
+    if method != "dpo":  # the method's copy of the policy starts equal to it, then lags behind it
+        (key,) = metrics & {"old_divergence", "ema_divergence", "anchor_divergence"}
+        assert lines[0][key] == 0 < lines[-1][key]
 
     g = torch.Generator().manual_seed(0)
     inputs = dict(hidden_states=torch.randn(2, 4, 16, 16, generator=g), timestep=torch.tensor([300.0, 800.0]),
@@ -169,7 +195,7 @@ def test_dpo_from_the_command_line_resumes_exactly_and_its_lora_loads(tmp_path, 
 def test_dpo_step_without_a_pair_is_a_logged_no_op(tmp_path, tiny_sd3_dir, monkeypatch, capsys):
     trainer = Trainer(small_config(tmp_path / "run", method="dpo", max_steps=2, eval_prompts=0, checkpointing_steps=0))
     before = {k: v.clone() for k, v in trainer.transformer.named_parameters() if v.requires_grad}
-    monkeypatch.setattr(trainer.scorer, "score", lambda images, prompts: torch.ones(len(prompts)))  # all equal
+    monkeypatch.setattr(trainer.scorer, "score_parts", lambda images, prompts: {"color": torch.ones(len(prompts))})
     trainer.train()
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(m["skipped_empty"], m["dpo_pairs"], m["dpo_groups_skipped"], m["skipped_nonfinite"]) for m in lines] == [
@@ -183,7 +209,8 @@ def test_dpo_step_without_a_pair_is_a_logged_no_op(tmp_path, tiny_sd3_dir, monke
 def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, tiny_sd3_dir, monkeypatch):
     trainer = Trainer(small_config(tmp_path / "run", max_steps=10, max_consecutive_nonfinite=3, checkpointing_steps=0))
     before = {k: v.clone() for k, v in trainer.transformer.named_parameters() if v.requires_grad}
-    monkeypatch.setattr(trainer.scorer, "score", lambda images, prompts: torch.full((len(prompts),), float("nan")))
+    monkeypatch.setattr(trainer.scorer, "score_parts",
+                        lambda images, prompts: {"color": torch.full((len(prompts),), float("nan"))})
     with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
         trainer.train()
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -207,11 +234,13 @@ def _torchrun(output_dir, *args):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=repo, env=env)
 
 
-@pytest.mark.parametrize("method, prompts_per_step, images_per_prompt", [("adrpo", "3", "2"), ("dpo", "2", "4")])
+@pytest.mark.parametrize("method, prompts_per_step, images_per_prompt",
+                         [("adrpo", "3", "2"), ("dpo", "2", "4"), ("nft", "3", "2")])
 def test_two_processes_train_checkpoint_and_resume(tmp_path, tiny_sd3_dir, method, prompts_per_step, images_per_prompt):
     """Two real processes (torchrun, gloo on CPU): rollouts are sharded, each process saves its own RNG state, and a
     resumed run continues from the checkpoint. adrpo: 3 groups of 2 on 2 x 3 rollouts, so the middle group spans
-    both processes; dpo: 2 groups of 4, one whole group per process, each pairing its own after the reward gather."""
+    both processes; dpo: 2 groups of 4, one whole group per process, each pairing its own after the reward gather;
+    nft: as adrpo, with the old copy of the policy (an extra adapter switched on for the rollouts and the loss)."""
 
     def run(*extra):
         done = _torchrun(tmp_path / "run", "--method", method, "--prompts_per_step", prompts_per_step,
@@ -277,6 +306,29 @@ def test_shared_noise_gives_each_prompt_group_one_draw(tmp_path, tiny_sd3_dir, m
         assert len(set(keys)) == 16
 
 
+def test_sampler_time_sampling_draws_each_samples_times_from_the_rollout_schedule(tmp_path, tiny_sd3_dir, monkeypatch):
+    """time_sampling: sampler with timesteps_per_sample = num_inference_steps: stratified, each sample trains once at
+    each of the times where the rollouts evaluated the transformer (t = 1 - sigma of the scheduler's schedule)."""
+    from adrpo_diffusion import trainer as trainer_module
+
+    seen = []
+    real = trainer_module.micro_batch_loss
+
+    def spy(method, family, model, anchors, x1, noise, t, *rest):
+        seen.append(t.clone())
+        return real(method, family, model, anchors, x1, noise, t, *rest)
+
+    monkeypatch.setattr(trainer_module, "micro_batch_loss", spy)
+    cfg = small_config(tmp_path / "run", max_steps=1, num_inference_steps=4, timesteps_per_sample=4, train_batch_size=64,
+                       eval_prompts=0, checkpointing_steps=0, time_sampling="sampler")
+    trainer = Trainer(cfg)
+    trainer.train()
+    schedule = 1 - trainer.family.pipe.scheduler.sigmas[:4].float()
+    assert torch.allclose(trainer.sampler_t, schedule, atol=1e-6)
+    t = torch.cat(seen).view(4, 8)  # draw-major: draw d of the 8 samples
+    assert all(torch.equal(t[d], trainer.sampler_t[d].expand(8)) for d in range(4))
+
+
 def test_heldout_fraction_gives_the_heldout_check_prompts_training_never_draws(tmp_path, tiny_sd3_dir, monkeypatch):
     from adrpo_diffusion.prompts import is_heldout
 
@@ -293,3 +345,37 @@ def test_heldout_fraction_gives_the_heldout_check_prompts_training_never_draws(t
     assert (trainer.num_training_prompts, len(trainer.prompts)) == (8, 12)  # colors.txt: 4 of 12 held out at 0.25
     unsplit = Trainer(small_config(tmp_path / "all", max_steps=1))
     assert unsplit.num_training_prompts == len(unsplit.prompts) == 12
+
+
+def test_normalized_advantages_make_the_reward_scale_irrelevant(tmp_path, tiny_sd3_dir):
+    """advantage_normalization: group_std: the reward x5 trains the same LoRA, up to float rounding; with the paper's
+    raw differences (none) the scale changes the run."""
+
+    def lora(name, scale, normalization):
+        options = {"advantage_normalization": normalization, "beta0": 2.0, "advantage_min": -2.0, "advantage_max": 2.0}
+        Trainer(small_config(tmp_path / name, max_steps=3, eval_prompts=0, checkpointing_steps=0, method_options=options,
+                             reward_scale=scale)).train()
+        return lora_tensors(tmp_path / name)
+
+    a, b = lora("x1", 100.0, "group_std"), lora("x5", 500.0, "group_std")
+    # Adam's m / sqrt(v) turns rounding-level gradient differences into ~1e-3 of a step (lr 3e-2): 2e-5 seen
+    assert max((a[k] - b[k]).abs().max() for k in a) < 1e-4
+    raw_a, raw_b = lora("raw-x1", 100.0, "none"), lora("raw-x5", 500.0, "none")
+    assert max((raw_a[k] - raw_b[k]).abs().max() for k in a) > 100 * max((a[k] - b[k]).abs().max() for k in a)
+
+
+def test_several_rewards_are_summed_with_their_weights_and_each_part_is_logged(tmp_path, tiny_sd3_dir, capsys):
+    """reward: {color: 1.0, shapes: -0.5}: R = reward_scale (color - 0.5 shapes); every step logs each raw part, the
+    held-out check reports each part before and after."""
+    cfg = small_config(tmp_path / "run", max_steps=2, prompt_file="prompts/shapes_colour.txt", reward_scale=10.0,
+                       reward={"color": 1.0, "shapes": -0.5}, checkpointing_steps=0)
+    summary = Trainer(cfg).train()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for m in lines:
+        assert m["reward_mean"] == pytest.approx(10.0 * (m["reward_color"] - 0.5 * m["reward_shapes"]), rel=1e-5)
+    parts = summary["heldout_parts"]
+    assert set(parts) == {"color", "shapes"} and all(0 <= p["before"] <= 1 for p in parts.values())
+    for key in ("before", "after"):
+        expected = 10.0 * (parts["color"][key] - 0.5 * parts["shapes"][key])
+        assert summary[f"heldout_reward_{key}"] == pytest.approx(expected, rel=1e-5)
+    assert "color (raw, weight 1)" in capsys.readouterr().out

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..builtin import is_builtin, model_names, resolve_model
-from .base import MergedLoRA, ModelFamily, PromptCache, adapters_off, add_lora
+from .base import AdapterCopies, MergedLoRA, ModelFamily, PromptCache, adapters_off, add_lora
 from .flux import FluxFamily
 from .sana import SanaFamily
 from .sd3 import SD3Family
@@ -26,8 +26,8 @@ from .sd3 import SD3Family
 FAMILIES: dict[str, type[ModelFamily]] = {cls.name: cls for cls in (SD3Family, FluxFamily, SanaFamily)}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-__all__ = ["FAMILIES", "MergedLoRA", "ModelFamily", "PromptCache", "adapters_off", "add_lora", "check_model_source",
-           "family_for", "load_family"]
+__all__ = ["FAMILIES", "AdapterCopies", "MergedLoRA", "ModelFamily", "PromptCache", "adapters_off", "add_lora",
+           "check_model_source", "family_for", "load_family"]
 
 
 def family_options_help() -> str:

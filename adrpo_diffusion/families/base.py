@@ -87,6 +87,69 @@ class MergedLoRA:
                     layer.get_base_layer().weight.copy_(w0)
 
 
+class AdapterCopies:
+    """Moving copies of the policy's LoRA as extra adapters on the same transformer (never a second copy of the base
+    weights: each costs one LoRA, in float32): DiffusionNFT's old policy, AWM's and ADRPO's EMA anchor.
+
+    Each copy is an adapter of the policy's shape named after it, started equal to the policy and updated by
+    :meth:`update` (``copy = d copy + (1 - d) policy``). ``with copies.active(name):`` runs the transformer with that
+    adapter instead of the policy's. ``state_dict``/``load_state_dict`` make them part of a checkpoint (accelerate's
+    ``register_for_checkpointing``)."""
+
+    def __init__(self, transformer, lora_config, names, policy: str = "default"):
+        import copy
+
+        self.transformer, self.policy = transformer, policy
+        for name in names:
+            transformer.add_adapter(copy.deepcopy(lora_config), adapter_name=name)  # activates it
+        transformer.set_adapter(policy)  # the policy's adapter trainable again, the copies frozen
+        params = dict(transformer.named_parameters())
+        self.pairs = {name: [(params[key.replace(f".{name}.", f".{policy}.")], p.requires_grad_(False))
+                             for key, p in params.items() if f".{name}." in key] for name in names}
+        for name, pairs in self.pairs.items():
+            if not pairs:
+                raise ValueError(f"AdapterCopies: no parameters of adapter {name!r}")
+            for _, param in pairs:
+                param.data = param.data.float()
+        self.reset()
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Every copy equal to the policy."""
+        for pairs in self.pairs.values():
+            for source, target in pairs:
+                target.copy_(source)
+
+    @torch.no_grad()
+    def update(self, name: str, decay: float) -> None:
+        """``copy = decay * copy + (1 - decay) * policy``."""
+        for source, target in self.pairs[name]:
+            target.mul_(decay).add_(source.detach().float(), alpha=1.0 - decay)
+
+    @contextlib.contextmanager
+    def active(self, name: str):
+        """The transformer runs with the copy ``name`` (the policy's adapter inactive) for the duration."""
+        self.transformer.set_adapter(name)
+        try:
+            yield self.transformer
+        finally:
+            self.transformer.set_adapter(self.policy)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{name}/{i}": target.detach().clone() for name, pairs in self.pairs.items()
+                for i, (_, target) in enumerate(pairs)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = self.state_dict().keys()
+        if state.keys() != expected:
+            raise ValueError(f"adapter copies in the checkpoint ({sorted(state)[:3]}...) do not match this run's "
+                             f"({sorted(expected)[:3]}...)")
+        for name, pairs in self.pairs.items():
+            for i, (_, target) in enumerate(pairs):
+                target.copy_(state[f"{name}/{i}"])
+
+
 @dataclass
 class PromptCache:
     """Every prompt encoded once (kept on the CPU), plus the empty prompt (for classifier-free guidance): named
@@ -262,6 +325,25 @@ class ModelFamily:
         raise NotImplementedError
 
     @torch.no_grad()
+    def sampler_sigmas(self, cache: PromptCache, num_inference_steps: int, resolution: int) -> torch.Tensor:
+        """The noise levels ``sigma`` at which a rollout of ``num_inference_steps`` evaluates the transformer, in
+        order, shape ``(num_inference_steps,)``: recorded from the timesteps the pipeline passes to the transformer
+        in one rollout of one prompt (its own schedule, shift and resolution-dependent shift included), mapped back
+        through :meth:`timestep` (linear in ``sigma`` for every family)."""
+        seen = []
+
+        def record(module, args, kwargs):
+            seen.append(float(kwargs["timestep"].flatten()[0]))
+
+        handle = self.transformer.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            self.sample(cache, [0], num_inference_steps=num_inference_steps, resolution=resolution, batch_size=1,
+                        generators=[torch.Generator().manual_seed(0)])
+        finally:
+            handle.remove()
+        return torch.tensor(seen) / float(self.timestep(torch.tensor(1.0)))
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
         """Latents ``(N, C, h, w)`` -> images ``(N, 3, H, W)`` in ``[0, 1]`` (undo the scale and shift, decode)."""
         vae, images = self.pipe.vae, []
@@ -296,11 +378,12 @@ class ModelFamily:
         :meth:`PromptCache.select`). ``transformer`` may be wrapped (DDP, compiled)."""
         raise NotImplementedError
 
-    def reference(self, transformer):
-        """``v_ref(latents, timestep, cond)``: the same transformer (unwrapped) with its adapters off, no gradient."""
+    def reference(self, transformer, context=adapters_off):
+        """``v_ref(latents, timestep, cond)``: the velocity of ``transformer`` (unwrapped) inside ``context(transformer)``
+        (default: its adapters off, the frozen base), without gradient."""
 
         def v_ref(latents, timestep, cond):
-            with torch.no_grad(), adapters_off(transformer):
+            with torch.no_grad(), context(transformer):
                 return self.velocity(transformer, latents, timestep, cond)
 
         return v_ref

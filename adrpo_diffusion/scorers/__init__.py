@@ -3,6 +3,8 @@
 ``build_scorer(name, **options)`` returns an object with ``score(images, prompts) -> (N,) float tensor``,
 where ``images`` is a list of PIL images or a float tensor ``(N, 3, H, W)`` in ``[0, 1]``. A scorer may also
 override the class method ``check_prompts(prompts)``, which raises a clear error before any model loads.
+``build_reward(reward, reward_options)`` (:mod:`.combined`) is the training reward: one scorer, or a weighted sum
+``R = sum_k w_k * scorer_k(image, prompt)`` of several.
 """
 
 from __future__ import annotations
@@ -49,5 +51,7 @@ def build_scorer(name: str, **options) -> Scorer:
 
 # Built-in scorers register themselves on import.
 from . import aesthetic, blip, clip, color, hpsv2, pickscore, shapes  # noqa: E402,F401
+from .combined import WeightedReward, build_reward, check_reward, reward_parts  # noqa: E402
 
-__all__ = ["Scorer", "available_scorers", "build_scorer", "check_scorer", "register_scorer", "to_image_tensor"]
+__all__ = ["Scorer", "WeightedReward", "available_scorers", "build_reward", "build_scorer", "check_reward", "check_scorer",
+           "register_scorer", "reward_parts", "to_image_tensor"]

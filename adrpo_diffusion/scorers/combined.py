@@ -1,0 +1,112 @@
+"""Several rewards at once: a weighted sum of scorers of the registry.
+
+The ``reward`` of a config is a scorer name, or a mapping of scorer names to weights ``w_k``; the reward is
+
+    R(image, prompt) = sum_k w_k * scorer_k(image, prompt)
+
+(the trainer multiplies it by ``reward_scale``). A single name is the sum of one part with weight 1. With a mapping,
+``reward_options`` is keyed by scorer name (``{clip: {model: DIR}}``); with a single name it holds that scorer's
+options. Weights may be negative (a penalty), not 0.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+
+import torch
+
+from ..utils import did_you_mean
+from . import available_scorers, build_scorer, check_scorer
+from .base import to_image_tensor
+
+EXAMPLE = "{pickscore: 1.0, clip: 0.5}"
+
+
+def reward_parts(reward, reward_options) -> dict[str, tuple[float, dict]]:
+    """``{name: (weight, options)}`` of a config's ``reward`` and ``reward_options``: a scorer name gives
+    ``{name: (1.0, reward_options)}``, a mapping ``name -> weight`` gives ``{name: (weight, reward_options.get(name,
+    {}))}``. Raises one ``ValueError`` listing every problem, one a line; builds nothing."""
+    if not isinstance(reward_options, Mapping):
+        raise ValueError(f"reward_options must be a mapping, got {reward_options!r} ({type(reward_options).__name__})")
+    if isinstance(reward, str):
+        reward, reward_options = {reward: 1.0}, {reward: reward_options}
+    elif not isinstance(reward, Mapping):
+        raise ValueError(f"reward must be a scorer name or a mapping of scorer names to weights, e.g. {EXAMPLE}; got "
+                         f"{reward!r} ({type(reward).__name__})")
+    elif not reward:
+        raise ValueError(f"reward is an empty mapping: give at least one scorer name -> weight, e.g. {EXAMPLE}")
+    elif not all(isinstance(name, str) for name in reward):
+        raise ValueError(f"reward's keys must be scorer names, e.g. {EXAMPLE}; got {list(reward)}")
+    problems = []
+    valid = available_scorers()
+    for name, weight in reward.items():
+        if name not in valid:
+            problems.append(f"Unknown scorer {name!r}{did_you_mean(name, valid)}; available: {', '.join(valid)}")
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
+            problems.append(f"weight of reward {name!r} must be a finite number, got {weight!r}")
+        elif weight == 0:
+            problems.append(f"weight of reward {name!r} is 0: drop it instead (a negative weight is a penalty)")
+    unknown = [key for key in reward_options if key not in reward]
+    if unknown:
+        names = ", ".join(f"{key!r}{did_you_mean(key, reward)}" for key in unknown)
+        problems.append(f"reward_options key(s) {names} are not scorers of the reward {list(reward)}: with "
+                        "several rewards, reward_options is keyed by scorer name, e.g. {clip: {model: DIR}}")
+    for name, options in reward_options.items():
+        if name in reward and not isinstance(options, Mapping):
+            problems.append(f"reward_options[{name!r}] must be a mapping of {name}'s options, got {options!r}")
+    if problems:
+        raise ValueError("\n".join(problems))
+    return {name: (float(weight), dict(reward_options.get(name, {}))) for name, weight in reward.items()}
+
+
+def check_reward(reward, reward_options, prompts=None) -> dict[str, tuple[float, dict]]:
+    """Every problem of the reward, before any model loads: :func:`reward_parts`, then each part's options and (when
+    given) whether it can score ``prompts`` (:func:`check_scorer`). Returns the parts."""
+    parts = reward_parts(reward, reward_options)
+    problems = []
+    for name, (_, options) in parts.items():
+        try:
+            check_scorer(name, options, prompts)
+        except ValueError as err:
+            problems.append(str(err))
+    if problems:
+        raise ValueError("\n".join(problems))
+    return parts
+
+
+class WeightedReward:
+    """``R = sum_k w_k * scorer_k(image, prompt)`` over the parts ``{name: (weight, options)}`` of
+    :func:`reward_parts`, each scorer built once. Has a scorer's ``score`` and ``to``."""
+
+    def __init__(self, parts: dict[str, tuple[float, dict]]):
+        self.names = list(parts)
+        self.weights = {name: weight for name, (weight, _) in parts.items()}
+        self.scorers = {name: build_scorer(name, **options) for name, (_, options) in parts.items()}
+
+    def to(self, device) -> WeightedReward:
+        for scorer in self.scorers.values():
+            scorer.to(device)
+        return self
+
+    def score_parts(self, images, prompts) -> dict[str, torch.Tensor]:
+        """Each part's raw score ``scorer_k(image, prompt)``, ``{name: (N,) float32 tensor}`` on the CPU. PIL images
+        are converted to one tensor once, for every part."""
+        if not isinstance(images, torch.Tensor):
+            images = to_image_tensor(list(images))
+        prompts = list(prompts)
+        return {name: scorer.score(images, prompts).float().cpu() for name, scorer in self.scorers.items()}
+
+    def combine(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``sum_k w_k * part_k`` of :meth:`score_parts`' output."""
+        return sum(self.weights[name] * parts[name] for name in self.names)
+
+    def score(self, images, prompts) -> torch.Tensor:
+        """``R = sum_k w_k * scorer_k(image, prompt)``, ``(N,)``."""
+        return self.combine(self.score_parts(images, prompts))
+
+
+def build_reward(reward, reward_options) -> WeightedReward:
+    """The :class:`WeightedReward` of a config's ``reward`` and ``reward_options``, checked first (:func:`check_reward`)."""
+    return WeightedReward(check_reward(reward, reward_options))

@@ -1,0 +1,133 @@
+"""Several rewards: R = sum_k w_k * scorer_k(image, prompt) with the dependency-free color and shapes scorers, and the
+config, command line and errors of a reward mapping."""
+
+import pytest
+import torch
+
+from adrpo_diffusion.config import ConfigError, config_from_args, load_config
+from adrpo_diffusion.scorers import WeightedReward, build_reward, build_scorer, check_reward, reward_parts
+from adrpo_diffusion.tasks.shapes import sample_batch
+
+CAPTIONS = ["a red circle", "a blue square", "two yellow triangles", "a green triangle at the top"]  # both can score
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Drawn shapes with noise on top, so that both scorers give scores that differ between images."""
+    generator = torch.Generator().manual_seed(0)
+    images, prompts = sample_batch(8, generator, captions=CAPTIONS)
+    noise = 0.2 * torch.randn(images.shape, generator=generator)
+    return (images + noise).clamp(0, 1), prompts
+
+
+def test_weighted_sum_of_the_raw_parts(batch):
+    images, prompts = batch
+    reward = build_reward({"color": 1.0, "shapes": -0.5}, {"shapes": {"batch_size": 3}})
+    assert isinstance(reward, WeightedReward)
+    assert reward.names == ["color", "shapes"] and reward.weights == {"color": 1.0, "shapes": -0.5}
+    color, shapes = build_scorer("color").score(images, prompts), build_scorer("shapes").score(images, prompts)
+    assert color.std() > 0.01 and shapes.std() > 0.01  # the test can tell the parts apart
+
+    parts = reward.score_parts(images, prompts)
+    assert list(parts) == ["color", "shapes"]
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" and p.shape == (8,) for p in parts.values())
+    torch.testing.assert_close(parts["color"], color, rtol=0, atol=0)
+    torch.testing.assert_close(parts["shapes"], shapes, rtol=0, atol=1e-6)  # other batches: same values
+    torch.testing.assert_close(reward.combine(parts), 1.0 * color - 0.5 * shapes, rtol=0, atol=1e-6)
+    torch.testing.assert_close(reward.score(images, prompts), 1.0 * color - 0.5 * shapes, rtol=0, atol=1e-6)
+    assert reward.to("cpu") is reward
+
+
+def test_pil_images_score_like_the_tensor(batch):
+    from PIL import Image
+
+    images, prompts = batch
+    pixels = (images * 255).round().byte()
+    pil = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in pixels]
+    reward = build_reward({"color": 2, "shapes": 1}, {})
+    torch.testing.assert_close(reward.score(pil, prompts), reward.score(pixels / 255.0, prompts), rtol=0, atol=1e-6)
+
+
+def test_a_single_name_is_one_part_of_weight_one(batch):
+    images, prompts = batch
+    assert reward_parts("shapes", {"batch_size": 4}) == {"shapes": (1.0, {"batch_size": 4})}
+    reward = build_reward("shapes", {"batch_size": 4})
+    assert reward.weights == {"shapes": 1.0}
+    assert torch.equal(reward.score(images, prompts), build_scorer("shapes", batch_size=4).score(images, prompts))
+
+
+def test_a_mapping_keys_its_options_by_scorer_name():
+    assert reward_parts({"color": 1, "shapes": 0.5}, {"shapes": {"batch_size": 4}}) == {
+        "color": (1.0, {}), "shapes": (0.5, {"batch_size": 4})}
+    assert isinstance(reward_parts({"color": 1}, {})["color"][0], float)
+
+
+@pytest.mark.parametrize(
+    "reward, options, messages",
+    [
+        ({}, {}, ["reward is an empty mapping"]),
+        ({"color": "high"}, {}, ["weight of reward 'color' must be a finite number, got 'high'"]),
+        ({"color": True}, {}, ["weight of reward 'color' must be a finite number, got True"]),
+        ({"color": float("inf")}, {}, ["weight of reward 'color' must be a finite number, got inf"]),
+        ({"color": 1.0, "shapes": 0}, {}, ["weight of reward 'shapes' is 0: drop it instead"]),
+        ({"color": 0, "shapes": 0.0}, {}, ["weight of reward 'color' is 0", "weight of reward 'shapes' is 0"]),
+        ({"colour": 1.0, "shapes": 1.0}, {}, ["Unknown scorer 'colour' (did you mean 'color'?)", "available: aesthetic"]),
+        ("colr", {}, ["Unknown scorer 'colr' (did you mean 'color'?)"]),
+        ({"color": 1.0}, {"batch_size": 4}, ["reward_options key(s) 'batch_size' are not scorers of the reward ['color']",
+                                             "keyed by scorer name, e.g. {clip: {model: DIR}}"]),
+        ({"color": 1.0, "shapes": 1.0}, {"shape": {}}, ["'shape' (did you mean 'shapes'?)"]),
+        ({"color": 1.0}, {"color": 4}, ["reward_options['color'] must be a mapping of color's options, got 4"]),
+        ({"color": 1.0}, [], ["reward_options must be a mapping, got []"]),
+        (["color"], {}, ["reward must be a scorer name or a mapping of scorer names to weights"]),
+        ({1: 1.0}, {}, ["reward's keys must be scorer names"]),
+    ],
+)
+def test_bad_rewards_are_named(reward, options, messages):
+    with pytest.raises(ValueError) as info:
+        reward_parts(reward, options)
+    for message in messages:
+        assert message in str(info.value), str(info.value)
+
+
+def test_every_problem_of_a_mapping_at_once():
+    with pytest.raises(ValueError) as info:
+        reward_parts({"colr": 1.0, "shapes": 0}, {"model": "DIR"})
+    assert str(info.value).splitlines()[0].startswith("Unknown scorer 'colr'")
+    assert len(str(info.value).splitlines()) == 3 and "'shapes' is 0" in str(info.value) and "'model'" in str(info.value)
+
+
+def test_check_reward_checks_each_part_before_any_model_loads():
+    assert check_reward({"color": 1, "shapes": 1}, {}, CAPTIONS) == {"color": (1.0, {}), "shapes": (1.0, {})}
+    with pytest.raises(ValueError) as info:
+        check_reward({"color": 1, "shapes": 1}, {"color": {"size": 3}}, ["a red apple"])
+    assert "Unknown option(s) ['size'] for scorer 'color'" in str(info.value)
+    assert "The shapes reward scores captions of the shapes grammar only" in str(info.value)
+    with pytest.raises(ValueError, match="needs a colour word"):
+        check_reward({"color": 1, "shapes": 1}, {}, ["two blue squares", "three circles"])
+    with pytest.raises(ValueError, match="weight of reward 'color' is 0"):
+        build_reward({"color": 0}, {})
+
+
+def test_config_and_command_line_take_a_mapping():
+    cfg = load_config("configs/tiny_shapes_cpu.yaml", {"reward": {"color": 1.0, "shapes": 0.5},
+                                                       "reward_options": {"shapes": {"batch_size": 4}}})
+    assert cfg.reward == {"color": 1.0, "shapes": 0.5} and cfg.reward_options == {"shapes": {"batch_size": 4}}
+    cfg = config_from_args(["--config", "configs/tiny_shapes_cpu.yaml", "--reward", "{color: 1.0, shapes: 0.5}",
+                            "--reward_options", "{shapes: {batch_size: 4}}"])
+    assert cfg.reward == {"color": 1.0, "shapes": 0.5} and cfg.reward_options == {"shapes": {"batch_size": 4}}
+    assert config_from_args(["--config", "configs/tiny_shapes_cpu.yaml", "--reward", "shapes"]).reward == "shapes"
+
+
+def test_config_reports_a_bad_mapping_with_every_other_problem():
+    with pytest.raises(ConfigError) as info:
+        config_from_args(["--config", "configs/tiny_shapes_cpu.yaml", "--reward", "{color: 1.0, shapez: 0}",
+                          "--reward_options", "{model: DIR}", "--images_per_prompt", "1"])
+    message = str(info.value)
+    assert message.startswith("Invalid config:\n  ")
+    for part in ("Unknown scorer 'shapez' (did you mean 'shapes'?)", "weight of reward 'shapez' is 0",
+                 "reward_options key(s) 'model' are not scorers", "images_per_prompt (K) must be >= 2"):
+        assert f"\n  {part}" in message, message
+    with pytest.raises(ConfigError, match="reward must be a scorer name or a mapping of scorer names to weights, got 7"):
+        config_from_args(["--config", "configs/tiny_shapes_cpu.yaml", "--reward", "7"])
+    with pytest.raises(ConfigError, match="reward must be a scorer name or a mapping .* got \\['color'\\] \\(list\\)"):
+        load_config("configs/tiny_shapes_cpu.yaml", {"reward": ["color"]})
