@@ -7,6 +7,9 @@ import math
 import pytest
 import torch
 
+from adrpo_diffusion.prompts import load_prompts
+from adrpo_diffusion.scorers import build_scorer
+from adrpo_diffusion.scorers.shapes import connected_components
 from adrpo_diffusion.tasks.shapes import (
     SKILLS,
     CaptionError,
@@ -18,9 +21,6 @@ from adrpo_diffusion.tasks.shapes import (
     render,
     sample_batch,
 )
-from adrpo_diffusion.prompts import load_prompts
-from adrpo_diffusion.scorers import build_scorer
-from adrpo_diffusion.scorers.shapes import connected_components
 
 
 @pytest.fixture(scope="module")

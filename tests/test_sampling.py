@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from adrpo_diffusion.utils import image_grid
 from adrpo_diffusion.trainer import Trainer
+from adrpo_diffusion.utils import image_grid
 
 
 def solid(values):

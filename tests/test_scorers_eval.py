@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
-from adrpo_diffusion.testing.tiny_scorers import build_tiny_clip
 from adrpo_diffusion.scorers import build_scorer
 from adrpo_diffusion.scorers.diversity import clip_diversity
+from adrpo_diffusion.testing.tiny_scorers import build_tiny_clip
 
 PROMPTS = ["a red cube", "two cats on a sofa", "a blue sky over a very long and winding road"]
 

@@ -15,8 +15,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .aggregate import aggregate
 from ..scorers.diversity import describe
+from .aggregate import aggregate
 from .config import EvalConfig, EvalConfigError, clipdiversity_variant, eval_config_from_args, load_prompt_set
 from .folder import collect_images
 from .generate import LoraMismatchError, generate_images, warnings_once

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from ..checkpoint import LORA_WEIGHTS_NAME
 from ..builtin import is_builtin, resolve_asset
+from ..checkpoint import LORA_WEIGHTS_NAME
 from ..prompts import PromptFileError, is_heldout, load_prompts
 from ..scorers import available_scorers, check_scorer
 from ..scorers.diversity import DEFAULT_OPTIONS as DIVERSITY_DEFAULTS

@@ -13,7 +13,6 @@ import contextlib
 import gc
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 

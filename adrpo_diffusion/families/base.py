@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -101,7 +102,9 @@ class AdapterCopies:
 
         self.transformer, self.policy = transformer, policy
         for name in names:
-            transformer.add_adapter(copy.deepcopy(lora_config), adapter_name=name)  # activates it
+            with warnings.catch_warnings():  # PEFT warns that a second adapter joins the first: intended here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                transformer.add_adapter(copy.deepcopy(lora_config), adapter_name=name)  # activates it
         transformer.set_adapter(policy)  # the policy's adapter trainable again, the copies frozen
         params = dict(transformer.named_parameters())
         self.pairs = {name: [(params[key.replace(f".{name}.", f".{policy}.")], p.requires_grad_(False))
