@@ -10,7 +10,7 @@ around an old copy of the policy (:func:`nft_loss`); AWM weights a flow-matching
 through a clipped ratio (:func:`awm_log_prob`, :func:`clipped_ratio_loss`). ``mse_i`` is the mean over all non-batch
 elements of sample i.
 
-Time/sign convention (DESIGN.md section 2): with data ``x1``, noise ``x0`` and ``sigma = 1 - t``,
+Time/sign convention (README, "Conventions"): with data ``x1``, noise ``x0`` and ``sigma = 1 - t``,
 diffusers' input is ``x_sigma = (1 - sigma) x1 + sigma x0`` and its velocity target is ``x0 - x1 = -u_t``;
 :func:`flow_matching_pair` builds exactly that (the timestep each family's transformer is given at ``sigma`` is
 the family's business: SD3 ``1000 sigma``, see :mod:`adrpo_diffusion.families`).

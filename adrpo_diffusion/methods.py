@@ -332,7 +332,7 @@ class ADRPO(AdvantageWeighted):
         if self.advantage_max <= self.beta0:
             return []
         return [f"advantage_max ({self.advantage_max}) > beta0 ({self.beta0}): samples with A > beta0 get a negative "
-                "W2 weight, i.e. the target extrapolates past the sample (DESIGN.md section 2)."]
+                "W2 weight: their target v* = v_ref + (A / beta0)(target - v_ref) extrapolates past the sample."]
 
     def w2_weights(self, advantages):
         return self.beta0 - advantages

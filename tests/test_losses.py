@@ -33,7 +33,7 @@ def test_adrpo_loss_matches_an_explicit_loop():
 
 @pytest.mark.parametrize("a", [-1.0, -0.25, 0.0, 0.6, 1.0, 1.5])
 def test_loss_is_beta0_times_distance_to_v_star_plus_a_constant(a):
-    """DESIGN.md section 2: A||v-u||^2 + (beta0-A)||v-v_ref||^2 = beta0||v - v*||^2 + const,
+    """The identity of the ADRPO docstring: A||v-u||^2 + (beta0-A)||v-v_ref||^2 = beta0||v - v*||^2 + const,
     v* = v_ref + (A/beta0)(u - v_ref). Checked as: the difference does not depend on v."""
     beta0 = 0.8
     u, v_ref = _rand(1, 16, seed=4), _rand(1, 16, seed=5)
