@@ -58,7 +58,10 @@ def _flat_config(cfg: TrainConfig) -> dict:
 
 
 def _paired_change(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
-    """Means before and after, and the mean of the paired change with its standard error."""
+    """Means before and after, and the mean of the paired change with its standard error, over the pairs where
+    both are defined (a diagnostic is NaN where it does not apply)."""
+    keep = before.isfinite() & after.isfinite()
+    before, after = before[keep], after[keep]
     improvement, se = mean_and_se(after - before)
     return {"before": before.mean().item(), "after": after.mean().item(), "improvement": improvement,
             "improvement_se": float("nan") if se is None else se}
@@ -279,6 +282,13 @@ class Trainer:
         rewards, parts = self._score(images, [i for i, _ in pairs])
         return rewards.cpu(), images, {k: v.cpu() for k, v in parts.items()}
 
+    def _details_change(self, before_images: torch.Tensor, after_images: torch.Tensor) -> dict:
+        """The paired change of every scorer diagnostic (:meth:`.scorers.base.Scorer.details`) on the held-out pairs."""
+        prompts = [self.prompts[i] for _ in self.cfg.eval_seeds for i in self.eval_indices]
+        before, after = self.scorer.details(before_images, prompts), self.scorer.details(after_images, prompts)
+        return {name: _paired_change(before[name], after[name]) for name in after
+                if (before[name].isfinite() & after[name].isfinite()).any()}
+
     def _save_samples(self, images: torch.Tensor, name: str) -> None:
         if not len(images):  # eval_prompts: 0
             return
@@ -411,7 +421,7 @@ class Trainer:
 
         check = bool(self.eval_indices)  # eval_prompts: 0 skips the held-out check (callers that measure their own)
         if check:
-            before, _, before_parts = self.heldout_rewards(adapters=False)
+            before, before_images, before_parts = self.heldout_rewards(adapters=False)
             self._log(f"held-out reward of the base model: {before.mean().item():.4f}")
         progress = tqdm(total=cfg.max_steps, initial=self.step, desc="ADRPO steps" if cfg.method == "adrpo" else cfg.method,
                         disable=not acc.is_main_process)
@@ -461,8 +471,11 @@ class Trainer:
             "heldout_improvement": change["improvement"], "heldout_improvement_se": change["improvement_se"],
             # each part of the reward, raw (without its weight and reward_scale)
             "heldout_parts": {name: _paired_change(before_parts[name], after_parts[name]) for name in after_parts},
+            # the scorers' per-image diagnostics (the shapes reward: each check and the GenEval-style pass rate)
+            "heldout_details": self._details_change(before_images, images),
         }
         if acc.is_main_process:
+            self._save_samples(before_images, "base")  # the same prompts and noise as final.png, before training
             self._save_samples(images, "final")
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self._log(f"held-out reward (mean over {len(self.eval_indices)} prompts x {len(cfg.eval_seeds)} seeds; "
@@ -470,6 +483,8 @@ class Trainer:
         if len(after_parts) > 1:
             for name, part in summary["heldout_parts"].items():
                 self._log(f"  {name} (raw, weight {self.scorer.weights[name]:g}): {_change_line(part)}")
+        for name, detail in summary["heldout_details"].items():
+            self._log(f"  {name}: {_change_line(detail)}")
         acc.end_training()
         return summary
 

@@ -18,7 +18,7 @@ def tiny_sd3_dir():
 
 @pytest.fixture(scope="session")
 def tiny_sd3_shapes_dir():
-    """The method lab's shapes base (pre-trained once per cache, about 4 minutes on 2 cores)."""
+    """The method lab's shapes base (pre-trained once per cache, about 5 minutes on 2 cores)."""
     from adrpo_diffusion.builtin import resolve_model
 
     return resolve_model("builtin:tiny-sd3-shapes")

@@ -95,5 +95,5 @@ def test_card_writes_a_reward_mapping_as_its_weighted_sum():
     config = dataclasses.asdict(load_config("configs/tiny_shapes_cpu.yaml", {
         "reward": {"color": 1.0, "shapes": 0.5, "clip": -0.25}, "reward_options": {"clip": {"model": "DIR"}}}))
     card = model_card(config, None, "me/shapes", has_samples=False)
-    assert '- reward: `1 x color + 0.5 x shapes - 0.25 x clip` x 20, options `{"clip": {"model": "DIR"}}`' in card
+    assert '- reward: `1 x color + 0.5 x shapes - 0.25 x clip` x 1, options `{"clip": {"model": "DIR"}}`' in card
     assert "**Held-out reward** (`1 x color + 0.5 x shapes - 0.25 x clip`): not measured" in card

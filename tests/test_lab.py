@@ -125,6 +125,27 @@ def test_binding(scorer):
     assert good["shape"] > 0.9 and bad["shape"] < 0.1 and right > swapped + 0.25
 
 
+def test_geneval_pass_needs_every_check(scorer):
+    """geneval_pass: 1 only when every check that applies exceeds 0.5 (an exact count, the right shape, the named
+    half of the image); the data itself passes almost always."""
+    squares = [Placed("square", "green", x, y, 7) for x, y in ((6, 6), (24, 8), (12, 24))]
+    cases = [
+        (squares, "three green squares", 1.0),
+        (squares[:2], "three green squares", 0.0),  # count exp(-1) < 0.5
+        ([Placed("circle", "green", 16, 16, 11)], "a green triangle", 0.0),  # wrong shape
+        ([Placed("triangle", "yellow", 6, 16, 8)], "a yellow triangle on the left", 1.0),
+        ([Placed("triangle", "yellow", 26, 16, 8)], "a yellow triangle on the left", 0.0),  # wrong side
+        ([Placed("circle", "red", 8, 16, 10), Placed("square", "blue", 24, 16, 10)], "a red circle and a blue square", 1.0),
+        ([Placed("square", "red", 8, 16, 10), Placed("circle", "blue", 24, 16, 10)], "a red circle and a blue square", 0.0),
+    ]
+    images = torch.stack([render(shapes) for shapes, _, _ in cases])
+    details = scorer.details(images, [caption for _, caption, _ in cases])
+    assert details["geneval_pass"].tolist() == [expected for _, _, expected in cases]
+    assert set(details) == {"colour", "shape", "count", "position", "geneval_pass"}
+    data, captions = sample_batch(64, torch.Generator().manual_seed(5))
+    assert scorer.details(data, captions)["geneval_pass"].mean() > 0.9
+
+
 def test_components_and_prompt_checks(scorer):
     mask = torch.zeros(1, 8, 8, dtype=torch.bool)
     mask[0, 1:3, 1:3] = mask[0, 5:7, 4:8] = True
@@ -178,31 +199,52 @@ def quick_lab(tmp_path_factory, tiny_sd3_shapes_dir):
     return out
 
 
-QUICK_RUNS = ["adrpo", "orw-cfm-w2 beta=1", "fixed-beta beta=1", "raft top-1", "dpo", "adrpo clip x0.5"]
+QUICK_RUNS = ["adrpo beta0=0.5", "adrpo beta0=1", "raft top_k=1", "raft top_k=2", "nft kl_beta=0.0001",
+              "nft kl_beta=0.1"]
 
 
-def test_quick_lab_writes_the_table_and_the_plots(quick_lab):
+def test_quick_lab_writes_the_table_the_plots_and_the_grids(quick_lab):
+    from adrpo_diffusion.lab.experiment import chosen_index
+
     results = json.loads((quick_lab / "results.json").read_text())
     assert list(results["runs"]) == QUICK_RUNS
     base = results["base"]
-    assert 0.2 < base["reward"] < 0.8 and base["pixel_diversity"] > 0.05  # imperfect and diverse
+    assert 0.2 < base["reward"] < 0.9 and base["pixel_diversity"] > 0.05  # imperfect and diverse
+    assert 0 <= base["geneval_pass"] <= 1
     for name, run in results["runs"].items():
         records = run["seeds"]["0"]
         assert [r["step"] for r in records] == [0, 1, 2]
         assert records[0] == {"step": 0, **base}
-        assert all(0 <= r["reward"] <= 1 for r in records)
+        assert all(0 <= r["reward"] <= 1 and 0 <= r["geneval_pass"] <= 1 for r in records)
         assert records[-1]["w2_divergence"] > 0, name  # the policy moved away from the base
-        # the learning rate is the one whose run scored best on the validation seeds
+        # the learning rate is the one whose chosen checkpoint scored best on the validation seeds
         assert set(run["lr_sweep"]) == {"0.003", "0.03"}
         assert run["lr_sweep"][f"{run['learning_rate']:g}"] == max(run["lr_sweep"].values())
-        assert records[-1]["validation_reward"] == run["lr_sweep"][f"{run['learning_rate']:g}"]
+        assert records[chosen_index(records)]["validation_reward"] == run["lr_sweep"][f"{run['learning_rate']:g}"]
+    assert results["runs"]["nft kl_beta=0.1"]["overrides"] == {"method": "nft", "method_options": {"kl_beta": 0.1}}
     table = (quick_lab / "lab_table.md").read_text()
-    assert "### methods" in table and "### ablation" in table and all(f"| {name} |" in table for name in QUICK_RUNS)
-    for group in ("methods", "ablation"):
-        for stem in ("reward_vs_diversity", "reward_vs_divergence", "learning_curves"):
-            assert (quick_lab / f"{group}_{stem}.png").stat().st_size > 10_000
-    for grid in ("samples_base.png", "samples_data.png", "samples/adrpo_lr0.003.png", "samples/raft_top-1_lr0.03.png"):
+    assert all(f"| {name} |" in table for name in QUICK_RUNS) and "Reward at matched diversity" in table
+    for method in ("adrpo", "raft", "nft"):
+        assert f"| {method} | {method} " in table  # each method's row in the matched-diversity table
+    for plot in ("frontier.png", "learning_curves.png"):
+        assert (quick_lab / plot).stat().st_size > 10_000
+    for grid in ("samples_base.png", "samples_data.png", "samples_comparison.png"):
         assert (quick_lab / grid).stat().st_size > 1000
+
+
+def test_matched_reward_interpolates_where_the_diversity_crosses_the_target():
+    from adrpo_diffusion.lab.experiment import chosen_index, matched_reward
+
+    records = [{"step": 0, "feature_diversity": 1.0, "reward": 0.5, "reward_gain_se": 0.0, "validation_reward": 0.4},
+               {"step": 10, "feature_diversity": 0.95, "reward": 0.6, "reward_gain_se": 0.01, "validation_reward": 0.7},
+               {"step": 20, "feature_diversity": 0.8, "reward": 0.8, "reward_gain_se": 0.02, "validation_reward": 0.6}]
+    reward, se, step = matched_reward(records, 0.9)  # a third of the way from step 10 to step 20
+    assert reward == pytest.approx(0.6 + 0.2 / 3) and se == pytest.approx(0.01 + 0.01 / 3) and step == 20
+    assert matched_reward(records, 0.5) == (0.8, 0.02, 20)  # never below the target: its best point
+    assert math.isnan(matched_reward(records, 1.01)[0])  # even the base is below the target
+    assert chosen_index(records) == 1  # the best validation reward, not the last step
+    records[0]["validation_reward"] = 0.9
+    assert chosen_index(records) == 0  # the base itself when training never beat it on validation
 
 
 def test_a_killed_lab_resumes_to_the_same_results(quick_lab, tmp_path, monkeypatch):
@@ -250,27 +292,35 @@ def test_lab_refuses_to_overwrite_a_directory_it_did_not_write(tmp_path):
         main(["--steps", "5", "--eval_every", "2", "--output_dir", str(tmp_path / "new")])
 
 
-def test_the_shapes_config_trains_like_the_labs_adrpo_run():
+def test_the_shapes_config_uses_the_labs_protocol():
     from adrpo_diffusion.config import load_config
-    from adrpo_diffusion.lab.experiment import LabSettings
+    from adrpo_diffusion.lab.experiment import LabSettings, lab_runs
 
     config = load_config("configs/tiny_shapes_cpu.yaml", {})
     lab = LabSettings().training()
-    shared = ("pretrained_model", "prompt_file", "reward", "reward_scale", "method", "method_options",
-              "prompts_per_step", "images_per_prompt", "num_inference_steps", "guidance_scale",
-              "resolution", "max_sequence_length", "timesteps_per_sample", "lora_rank", "lora_alpha",
-              "max_grad_norm")
+    shared = ("pretrained_model", "prompt_file", "reward", "reward_scale", "prompts_per_step", "images_per_prompt",
+              "num_inference_steps", "guidance_scale", "resolution", "max_sequence_length", "timesteps_per_sample",
+              "time_sampling", "lora_rank", "lora_alpha", "max_grad_norm")
     assert {k: getattr(config, k) for k in shared} == {k: lab[k] for k in shared}
-    assert config.max_steps == LabSettings().steps and config.learning_rate in LabSettings().learning_rates
+    overrides = [run.overrides for run in lab_runs(LabSettings())]
+    assert {"method": config.method, "method_options": config.method_options} in overrides
 
 
 def test_runs_selects_runs_by_name_and_rejects_unknown_ones(capsys):
-    from adrpo_diffusion.lab.experiment import LabSettings, lab_runs, main
+    from adrpo_diffusion.lab.experiment import FRONTIER, LabSettings, lab_runs, main
 
-    picked = lab_runs(LabSettings(ablation="all", runs=["adrpo reward x100", "raft top-1"]))
-    assert [(run.name, run.group, run.overrides) for run in picked] == [
-        ("raft top-1", "methods", {"method": "raft", "method_options": {"top_k": 1}}),
-        ("adrpo reward x100", "ablation", {"reward_scale": 100.0})]
+    everything = lab_runs(LabSettings())
+    assert len(everything) == 3 * len(FRONTIER) == 24
+    picked = lab_runs(LabSettings(runs=["raft top_k=2", "adrpo-ema beta0=2"]))
+    assert [(run.name, run.method, run.strength) for run in picked] == [("adrpo-ema beta0=2", "adrpo-ema", 2.0),
+                                                                        ("raft top_k=2", "raft", 2)]
+    assert picked[0].overrides == {"method": "adrpo", "method_options": {
+        "beta0": 2.0, "advantage_min": -2.0, "advantage_max": 2.0, "advantage_normalization": "group_std",
+        "anchor": "ema"}}
+    assert [run.name for run in lab_runs(LabSettings(methods=["dpo"], strengths=2))] == ["dpo beta=500", "dpo beta=2500"]
     with pytest.raises(SystemExit):
-        main(["--runs", "adrpo reward x100"])  # an ablation run, but the ablation is off
-    assert "unknown run(s) ['adrpo reward x100']" in capsys.readouterr().err
+        main(["--runs", "raft top_k=3"])
+    assert "unknown run(s) ['raft top_k=3']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--methods", "ppo"])
+    assert "unknown method(s) ['ppo']" in capsys.readouterr().err

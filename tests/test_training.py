@@ -38,7 +38,7 @@ def test_tiny_default_improves_the_heldout_reward(tmp_path, tiny_sd3_dir):
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(1, cfg.max_steps + 1))
     assert all(REQUIRED_METRICS <= set(m) for m in lines)
-    assert (tmp_path / "run" / "samples" / "final.png").is_file()
+    assert (tmp_path / "run" / "samples" / "final.png").is_file() and (tmp_path / "run" / "samples" / "base.png").is_file()
     assert [p.name for p in sorted((tmp_path / "run" / "checkpoints").iterdir())] == ["step-40", "step-60"]  # keep 2
 
 
@@ -368,7 +368,7 @@ def test_several_rewards_are_summed_with_their_weights_and_each_part_is_logged(t
     """reward: {color: 1.0, shapes: -0.5}: R = reward_scale (color - 0.5 shapes); every step logs each raw part, the
     held-out check reports each part before and after."""
     cfg = small_config(tmp_path / "run", max_steps=2, prompt_file="prompts/shapes_colour.txt", reward_scale=10.0,
-                       reward={"color": 1.0, "shapes": -0.5}, checkpointing_steps=0)
+                       reward={"color": 1.0, "shapes": -0.5}, checkpointing_steps=0, eval_prompts=12)
     summary = Trainer(cfg).train()
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for m in lines:
@@ -378,4 +378,9 @@ def test_several_rewards_are_summed_with_their_weights_and_each_part_is_logged(t
     for key in ("before", "after"):
         expected = 10.0 * (parts["color"][key] - 0.5 * parts["shapes"][key])
         assert summary[f"heldout_reward_{key}"] == pytest.approx(expected, rel=1e-5)
-    assert "color (raw, weight 1)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "color (raw, weight 1)" in out and "  geneval_pass: before" in out
+    # the shapes scorer's diagnostics: each check that applies to these captions, and the pass rate
+    details = summary["heldout_details"]
+    assert set(details) == {"colour", "shape", "count", "position", "geneval_pass"}
+    assert all(0 <= d[key] <= 1 for d in details.values() for key in ("before", "after"))

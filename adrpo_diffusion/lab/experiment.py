@@ -1,36 +1,37 @@
 """The method lab: ADRPO against its baselines on the coloured-shapes task, on a CPU, with the project's trainer.
 
-Every run fine-tunes the same base (``builtin:tiny-sd3-shapes``) with :class:`adrpo_diffusion.trainer.Trainer`
-and the same compute: ``steps`` iterations of ``prompts_per_step x images_per_prompt`` sampled images and one
-optimiser step each, with the same number of (noise, t) draws per image in the loss. Runs differ only in their
-loss weights (``method`` and its parameters) or, in the ablation, in one ADRPO setting. The reward is ``color``
-(how close the pixels are to the caption's colour) on the single-colour captions of the shapes grammar; the
-``shapes`` checks tell whether the policy still draws what the caption says while it climbs that reward.
+Every run fine-tunes the same base (``builtin:tiny-sd3-shapes``) with :class:`adrpo_diffusion.trainer.Trainer` on
+the compositional ``shapes`` reward (colour, shape, count, position and binding checks, GenEval-like) of the 16
+captions of ``prompts/shapes.txt``, with the same compute: ``steps`` iterations of ``prompts_per_step x
+images_per_prompt`` sampled images, one optimiser step each, ``timesteps_per_sample`` stratified (noise, t) draws
+per image on the sampler's own schedule. Advantage-based methods normalise their advantages by the group's std.
 
-Learning rate. Each run's first seed trains at every rate of ``learning_rates``; the rate with the best reward on
-*validation* noise seeds is the run's rate, and its other seeds train at that rate. Reported numbers come from the
-disjoint *held-out* seeds, so the choice does not flatter the report.
+The frontier. Each method runs at three strengths of its own regulariser (:data:`FRONTIER`: ADRPO's and
+fixed-beta's beta, ORW-CFM-W2's W2 weight, RAFT's top-k, DPO's beta, DiffusionNFT's and AWM's KL weight), at its
+learning rate (:data:`LEARNING_RATES`, or the best of ``learning_rates`` on validation seeds when given).
 
 Tracking. A run trains in segments of ``eval_every`` steps: each segment is a fresh ``Trainer`` that resumes
 exactly from the previous segment's checkpoint (``resume_from_checkpoint: latest``). After each segment, and
 once for the base, :class:`HeldoutProbe` measures the current policy on held-out seeds (never used in training):
 
-- ``reward``: the mean training reward (raw, in ``[0, 1]``, whatever the run's ``reward_scale``) of
-  ``eval_images`` images for each prompt of the prompt file; ``colour``, ``shape``, ``count``, ``position``: the
-  ``shapes`` checks (:mod:`adrpo_diffusion.scorers.shapes`).
+- ``reward``: the mean ``shapes`` score of ``eval_images`` images for each prompt; ``colour``, ``shape``,
+  ``count``, ``position``: its checks; ``geneval_pass``: the fraction of images whose every check passes
+  (:mod:`adrpo_diffusion.scorers.shapes`), the number GenEval reports.
 - ``pixel_diversity``: for each prompt, the mean over pairs of its images of the RMS pixel distance
   ``||x_i - x_j||_2 / sqrt(3 H W)`` (images in ``[0, 1]``), averaged over prompts.
 - ``feature_diversity``: the same pairs compared by the cosine distance ``1 - cos`` of :class:`RandomFeatures`,
   a fixed random conv net: it sees colours, edges and their coarse layout, and a shape moved by a pixel or two
-  stays close, unlike in pixel space. (A random net, not the tiny VAE's latents: those are what the policy
-  generates, so their distances would mirror the pixel distances.)
+  stays close, unlike in pixel space.
 - ``w2_divergence``: ``E ||v_theta - v_ref||^2`` (mean over latent elements, as the trainer's ``w2_divergence``)
   between the policy and the base on fixed held-out noisy inputs: the base's own held-out samples ``x1``, fixed
   noise, and ``t`` in {1/8, 3/8, 5/8, 7/8}.
+- ``validation_reward``: the same reward on disjoint *validation* seeds. The run's *chosen* checkpoint is the step
+  (the base included) with the best validation reward, not the last one: over-optimised runs peak and fall back.
 
-Results: ``results.json`` (every record of every run and seed), ``lab_table.md`` (final values, mean +- standard
-error over seeds), and PNG plots: reward against diversity and against divergence along training (the paper's
-Fig. 3 analogue), and learning curves; for the method comparison and for the ADRPO ablation.
+Results: ``results.json`` (every record of every run and seed), ``lab_table.md`` (the held-out values at the
+chosen checkpoint, mean +- standard error over seeds, and the reward at matched diversity), PNG plots (reward
+against diversity and against W2 divergence along training, learning curves) and sample grids: the same held-out
+prompts and noise for the base and each method's best run (``samples_comparison.png``).
 """
 
 from __future__ import annotations
@@ -46,58 +47,9 @@ from pathlib import Path
 
 import torch
 
-METRICS = ("reward", "pixel_diversity", "feature_diversity", "w2_divergence")
+METRICS = ("reward", "geneval_pass", "pixel_diversity", "feature_diversity", "w2_divergence")
 CHECK_NAMES = ("colour", "shape", "count", "position")
-
-
-@dataclass(frozen=True)
-class LabRun:
-    """One fine-tuning setting: ``overrides`` of the lab's training settings; ``group`` is ``methods`` or
-    ``ablation``."""
-
-    name: str
-    group: str
-    overrides: dict
-
-
-@dataclass
-class LabSettings:
-    """What every run shares. The defaults are the full lab (22 minutes on 2 CPU cores, measured)."""
-
-    output_dir: str = "outputs/method-lab"
-    pretrained_model: str = "builtin:tiny-sd3-shapes"
-    prompt_file: str = "prompts/shapes_colour.txt"
-    reward: str = "color"
-    seeds: list = field(default_factory=lambda: [0, 1, 2])
-    steps: int = 30
-    eval_every: int = 15
-    prompts_per_step: int = 4
-    images_per_prompt: int = 8
-    timesteps_per_sample: int = 1
-    learning_rates: list = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])
-    sampler_steps: int = 12
-    reward_scale: float = 20.0
-    beta0: float = 1.0
-    orw_betas: list = field(default_factory=lambda: [0.25, 1.0, 4.0])
-    eval_images: int = 20
-    eval_seed: int = 10_000
-    val_images: int = 8
-    val_seed: int = 50_000  # its seeds (val_seed + 1000 i + j) never meet the held-out ones
-    ablation: str = "none"  # all, one (the first ablation run only) or none
-    runs: list = field(default_factory=list)  # only these runs (by name; of the methods and the chosen ablation)
-
-    def training(self) -> dict:
-        """TrainConfig values shared by every run (a run's overrides go on top)."""
-        return dict(
-            pretrained_model=self.pretrained_model, prompt_file=self.prompt_file, reward=self.reward,
-            reward_scale=self.reward_scale, method="adrpo", method_options=adrpo_options(self.beta0),
-            prompts_per_step=self.prompts_per_step, images_per_prompt=self.images_per_prompt,
-            num_inference_steps=self.sampler_steps, guidance_scale=1.0, resolution=32, max_sequence_length=8,
-            rollout_batch_size=64, train_batch_size=32, timesteps_per_sample=self.timesteps_per_sample,
-            lora_rank=8, lora_alpha=8, max_grad_norm=1.0,
-            checkpointing_steps=self.eval_every, checkpoints_total_limit=1, sample_every=0,
-            eval_prompts=0, report_to="none",  # no trainer's own held-out check: the lab's probe measures
-        )
+NORMALISED = {"advantage_normalization": "group_std"}
 
 
 def adrpo_options(beta0: float, clip: float = 1.0) -> dict:
@@ -105,39 +57,96 @@ def adrpo_options(beta0: float, clip: float = 1.0) -> dict:
     return {"beta0": beta0, "advantage_min": -clip * beta0, "advantage_max": clip * beta0}
 
 
+# method label -> (trainer method, regulariser name, its three strengths, method_options of a strength)
+FRONTIER = {
+    "adrpo": ("adrpo", "beta0", (0.5, 1.0, 2.0), lambda b: {**adrpo_options(b), **NORMALISED}),
+    "adrpo-ema": ("adrpo", "beta0", (0.5, 1.0, 2.0), lambda b: {**adrpo_options(b), **NORMALISED, "anchor": "ema"}),
+    "fixed-beta": ("fixed-beta", "beta", (0.5, 1.0, 2.0),
+                   lambda b: {"beta": b, "advantage_min": -1.0, "advantage_max": 1.0, **NORMALISED}),
+    "orw-cfm-w2": ("orw-cfm-w2", "beta", (0.25, 1.0, 4.0), lambda b: {"beta": b, **NORMALISED}),
+    "raft": ("raft", "top_k", (1, 2, 4), lambda k: {"top_k": k}),
+    "dpo": ("dpo", "beta", (500.0, 2500.0, 12500.0), lambda b: {"beta": b}),
+    "nft": ("nft", "kl_beta", (1e-4, 0.1, 1.0), lambda b: {"kl_beta": b}),
+    "awm": ("awm", "kl_beta", (0.003, 0.03, 0.3), lambda b: {"kl_beta": b}),
+}
+# each method's learning rate when the lab sweeps none (LoRA rank 8 on the tiny base; see docs/method_lab.md)
+LEARNING_RATES = {"adrpo": 1e-2, "adrpo-ema": 1e-2, "fixed-beta": 1e-2, "orw-cfm-w2": 1e-2, "raft": 3e-3,
+                  "dpo": 1e-2, "nft": 3e-3, "awm": 3e-3}
+
+
+@dataclass(frozen=True)
+class LabRun:
+    """One fine-tuning setting: ``method`` (a label of :data:`FRONTIER`) at ``strength`` of its regulariser;
+    ``overrides`` of the lab's training settings."""
+
+    name: str
+    method: str
+    strength: float
+    overrides: dict
+
+
+@dataclass
+class LabSettings:
+    """What every run shares. The defaults are the full lab: the frontier, one seed."""
+
+    output_dir: str = "outputs/method-lab"
+    pretrained_model: str = "builtin:tiny-sd3-shapes"
+    prompt_file: str = "prompts/shapes.txt"
+    reward: str = "shapes"
+    seeds: list = field(default_factory=lambda: [0])
+    steps: int = 60
+    eval_every: int = 20
+    prompts_per_step: int = 4
+    images_per_prompt: int = 8
+    timesteps_per_sample: int = 4
+    learning_rates: list = field(default_factory=list)  # empty: each method's rate of LEARNING_RATES
+    sampler_steps: int = 12
+    methods: list = field(default_factory=lambda: list(FRONTIER))
+    strengths: int = 3  # the first n strengths of each method's three
+    eval_images: int = 8
+    eval_seed: int = 10_000
+    val_images: int = 8
+    val_seed: int = 50_000  # its seeds (val_seed + 1000 i + j) never meet the held-out ones
+    matched_diversity: float = 0.9  # the matched-diversity table: feature diversity >= this fraction of the base's
+    runs: list = field(default_factory=list)  # only these runs (by name)
+
+    def training(self) -> dict:
+        """TrainConfig values shared by every run (a run's overrides go on top)."""
+        return dict(
+            pretrained_model=self.pretrained_model, prompt_file=self.prompt_file, reward=self.reward,
+            reward_scale=1.0, prompts_per_step=self.prompts_per_step, images_per_prompt=self.images_per_prompt,
+            num_inference_steps=self.sampler_steps, guidance_scale=1.0, resolution=32, max_sequence_length=8,
+            rollout_batch_size=64, train_batch_size=64, timesteps_per_sample=self.timesteps_per_sample,
+            time_sampling="sampler", lora_rank=8, lora_alpha=8, max_grad_norm=1.0,
+            checkpointing_steps=self.eval_every, checkpoints_total_limit=1, sample_every=0,
+            eval_prompts=0, report_to="none",  # no trainer's own held-out check: the lab's probe measures
+        )
+
+
 def quick_settings(output_dir: str) -> LabSettings:
-    """A smoke scale for tests: one seed, two segments of one step, a few images."""
-    return LabSettings(output_dir=output_dir, seeds=[0], steps=2, eval_every=1, prompts_per_step=2,
-                       images_per_prompt=4, learning_rates=[3e-3, 3e-2], orw_betas=[1.0], eval_images=2, val_images=2,
-                       ablation="one")
+    """A smoke scale for tests: one seed, two segments of one step, a few images, two strengths of three methods."""
+    return LabSettings(output_dir=output_dir, steps=2, eval_every=1, prompts_per_step=2, images_per_prompt=4,
+                       timesteps_per_sample=1, learning_rates=[3e-3, 3e-2], methods=["adrpo", "raft", "nft"],
+                       strengths=2, eval_images=2, val_images=2)
 
 
 def lab_runs(settings: LabSettings) -> list[LabRun]:
-    """The method comparison (paper defaults for ADRPO: beta0 = 1, A in [-1, 1]) and the ADRPO ablation:
-    clip range 0.5x / 2x beta0, raw reward (x1) / x100 instead of the lab's scale, group size K / 2 and 2K at a
-    fixed number of images per step (``settings.ablation``: all of them, the first one only, or none); only the
-    runs named in ``settings.runs`` when it is not empty."""
-    if settings.ablation not in ("all", "one", "none"):
-        raise ValueError(f"ablation must be all, one or none, got {settings.ablation!r}")
-    b0 = settings.beta0
-    runs = [LabRun("adrpo", "methods", {})]
-    runs += [LabRun(f"orw-cfm-w2 beta={beta:g}", "methods", {"method": "orw-cfm-w2", "method_options": {"beta": beta}})
-             for beta in settings.orw_betas]
-    fixed = {"beta": b0, "advantage_min": -b0, "advantage_max": b0}
-    runs += [LabRun(f"fixed-beta beta={b0:g}", "methods", {"method": "fixed-beta", "method_options": fixed}),
-             LabRun("raft top-1", "methods", {"method": "raft", "method_options": {"top_k": 1}}),
-             LabRun("dpo", "methods", {"method": "dpo", "method_options": {}})]
-    if settings.ablation != "none":
-        k, images = settings.images_per_prompt, settings.prompts_per_step * settings.images_per_prompt
-        ablation = [LabRun(f"adrpo clip x{f:g}", "ablation", {"method_options": adrpo_options(b0, f)}) for f in (0.5, 2.0)]
-        ablation += [LabRun(f"adrpo reward x{s:g}", "ablation", {"reward_scale": s}) for s in (1.0, 100.0)]
-        ablation += [LabRun(f"adrpo K={g}", "ablation", {"images_per_prompt": g, "prompts_per_step": images // g})
-                     for g in (k // 2, 2 * k) if g >= 2 and images % g == 0]
-        runs += ablation[:1] if settings.ablation == "one" else ablation
+    """The frontier: each method of ``settings.methods`` at the first ``settings.strengths`` strengths of its
+    regulariser; only the runs named in ``settings.runs`` when it is not empty."""
+    unknown = [m for m in settings.methods if m not in FRONTIER]
+    if unknown or not settings.methods:
+        raise ValueError(f"unknown method(s) {unknown}; the lab's methods are {list(FRONTIER)}")
+    if not 1 <= settings.strengths <= 3:
+        raise ValueError(f"strengths must be 1, 2 or 3, got {settings.strengths}")
+    runs = []
+    for label in settings.methods:
+        method, parameter, strengths, options = FRONTIER[label]
+        for strength in strengths[: settings.strengths]:
+            runs.append(LabRun(f"{label} {parameter}={strength:g}", label, strength,
+                               {"method": method, "method_options": options(strength)}))
     unknown = [name for name in settings.runs if name not in {run.name for run in runs}]
     if unknown:
-        raise ValueError(f"unknown run(s) {unknown}; with --ablation {settings.ablation} the runs are "
-                         f"{[run.name for run in runs]}")
+        raise ValueError(f"unknown run(s) {unknown}; the runs are {[run.name for run in runs]}")
     return [run for run in runs if run.name in settings.runs] if settings.runs else runs
 
 
@@ -213,13 +222,13 @@ class HeldoutProbe:
 
     def _record(self, trainer, images: torch.Tensor) -> dict:
         prompts = [trainer.prompts[i] for i, _ in self.pairs]
-        checks = self.shapes.checks(images, prompts)
+        details = self.shapes.details(images, prompts)
         rewards = self.scorer.score(images, prompts)
         if self.base_rewards is None:
             self.base_rewards = rewards
         gain = rewards - self.base_rewards  # paired: the same held-out noise for the policy and the base
         return {"reward": rewards.mean().item(), "reward_gain_se": (gain.std() / gain.numel() ** 0.5).item(),
-                **{name: checks[name].nanmean().item() for name in CHECK_NAMES},
+                **{name: details[name].nanmean().item() for name in (*CHECK_NAMES, "geneval_pass")},
                 **diversities(images, [i for i, _ in self.pairs], self.features)}
 
     @torch.no_grad()
@@ -281,15 +290,14 @@ def _write_json(path: Path, value) -> None:
 
 
 def run_lab(settings: LabSettings, resume: bool = False) -> dict:
-    """Train and track every run, then write ``results.json``, ``lab_table.md`` and the plots.
+    """Train and track every run, then write ``results.json``, ``lab_table.md``, the plots and the grids.
 
-    Per run: the first seed trains once per learning rate of ``settings.learning_rates``; the rate whose final
-    policy scores the highest reward on the *validation* noise seeds (``val_images`` per prompt, disjoint from the
-    held-out ones) is the run's rate, and the other seeds train at that rate only. Every reported number is
-    measured on the *held-out* noise seeds. Each (run, rate, seed) keeps its records in
-    ``runs/<run>/lr-<rate>/seed-<seed>/records.json``, written after every segment next to the checkpoint of that
-    step: with ``resume``, a killed lab continues from there (the same settings are required) and finished
-    segments are never trained again."""
+    Per run: at its method's rate (:data:`LEARNING_RATES`), or, when ``settings.learning_rates`` is given, the first
+    seed trains once per rate and the rate whose chosen checkpoint scores the highest *validation* reward is the
+    run's rate for the other seeds. Every reported number is measured on the *held-out* noise seeds. Each (run,
+    rate, seed) keeps its records in ``runs/<run>/lr-<rate>/seed-<seed>/records.json``, written after every segment
+    next to the checkpoint of that step: with ``resume``, a killed lab continues from there (the same settings are
+    required) and finished segments are never trained again."""
     from ..prompts import load_prompts
 
     out = prepare_output_dir(settings.output_dir, resume)
@@ -305,39 +313,72 @@ def run_lab(settings: LabSettings, resume: bool = False) -> dict:
 
     def train(run: LabRun, lr: float, seed: int) -> list[dict]:
         records = _train_and_track(settings, run, lr, seed, out, prompts, probes, results)
-        last = records[-1]
-        print(f"[lab] {run.name:24s} lr {lr:<7g} seed {seed}: reward {results['base']['reward']:.3f} -> "
-              f"{last['reward']:.3f} (validation {last['validation_reward']:.3f}), feature diversity "
-              f"{last['feature_diversity']:.3f}, W2 {last['w2_divergence']:.2e} ({time.perf_counter() - start:.0f} s)",
-              flush=True)
-        return [{"step": 0, **results["base"]}] + records
+        records = [{"step": 0, **results["base"]}] + records
+        best = records[chosen_index(records)]
+        print(f"[lab] {run.name:24s} lr {lr:<7g} seed {seed}: reward {records[0]['reward']:.3f} -> "
+              f"{best['reward']:.3f} at step {best['step']} (pass rate {records[0]['geneval_pass']:.2f} -> "
+              f"{best['geneval_pass']:.2f}), feature diversity {best['feature_diversity']:.3f}, "
+              f"W2 {best['w2_divergence']:.2e} ({time.perf_counter() - start:.0f} s)", flush=True)
+        return records
 
     for run in lab_runs(settings):
         first, others = settings.seeds[0], settings.seeds[1:]
-        sweep = {lr: train(run, lr, first) for lr in settings.learning_rates}
-        best = max(sweep, key=lambda lr: sweep[lr][-1]["validation_reward"])
+        rates = settings.learning_rates or [LEARNING_RATES[run.method]]
+        sweep = {lr: train(run, lr, first) for lr in rates}
+        best = max(sweep, key=lambda lr: sweep[lr][chosen_index(sweep[lr])]["validation_reward"])
         results["runs"][run.name] = {
-            "group": run.group, "overrides": run.overrides, "learning_rate": best,
-            "lr_sweep": {f"{lr:g}": records[-1]["validation_reward"] for lr, records in sweep.items()},
+            "method": run.method, "strength": run.strength, "overrides": run.overrides, "learning_rate": best,
+            "lr_sweep": {f"{lr:g}": records[chosen_index(records)]["validation_reward"] for lr, records in sweep.items()},
             "seeds": {str(first): sweep[best], **{str(seed): train(run, best, seed) for seed in others}},
         }
+        chosen = sweep[best][chosen_index(sweep[best])]["step"]
+        source = _run_dir(out, run, best, first) / f"heldout-step-{chosen}.safetensors"
+        if source.is_file():  # step 0: the base's images
+            shutil.copyfile(source, out / "samples" / f"{run_slug(run)}.safetensors")
     results["seconds"] = time.perf_counter() - start
     _write_json(out / "results.json", results)
     (out / "lab_table.md").write_text(render_table(results))
     plot_results(results, out)
+    save_comparison(results, prompts, out)
     return results
+
+
+def chosen_index(records: list[dict]) -> int:
+    """The record (step 0, the base, included) with the best validation reward: the run's chosen checkpoint."""
+    return max(range(len(records)), key=lambda k: records[k]["validation_reward"])
+
+
+def run_slug(run: LabRun) -> str:
+    return run.name.replace(" ", "_").replace("=", "")
+
+
+def _run_dir(out: Path, run: LabRun, lr: float, seed: int) -> Path:
+    return out / "runs" / run_slug(run) / f"lr-{lr:g}" / f"seed-{seed}"
+
+
+def _save_images(images: torch.Tensor, path: Path) -> None:
+    """Held-out images as 8-bit RGB in a safetensors file (for the comparison grid)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"images": (images.clamp(0, 1) * 255).round().to(torch.uint8).contiguous()}, str(path))
+
+
+def _load_images(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["images"].float() / 255
 
 
 def _train_and_track(settings: LabSettings, run: LabRun, lr: float, seed: int, out: Path, prompts: list[str],
                      probes: dict, results: dict) -> list[dict]:
     """One (run, learning rate, seed): train in segments of ``eval_every`` steps, each a fresh Trainer resuming the
-    previous segment's checkpoint, measuring the held-out probe after each and the validation reward after the
-    last; the first trainer of the lab also measures the base. Returns the records (resumed ones included)."""
+    previous segment's checkpoint, measuring the held-out and validation probes after each; the first trainer of
+    the lab also measures the base. Returns the records (resumed ones included)."""
     from ..config import load_config
     from ..trainer import Trainer
 
-    slug = run.name.replace(" ", "_").replace("=", "")
-    run_dir = out / "runs" / slug / f"lr-{lr:g}" / f"seed-{seed}"
+    run_dir = _run_dir(out, run, lr, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     records_file = run_dir / "records.json"
     records = json.loads(records_file.read_text()) if records_file.is_file() else []
@@ -352,15 +393,15 @@ def _train_and_track(settings: LabSettings, run: LabRun, lr: float, seed: int, o
             if results["base"] is None:  # also fixes the probes' W2 inputs and base rewards, so it runs on resume too
                 results["base"], base_images = probes["heldout"].measure_base(trainer)
                 results["base"]["validation_reward"] = probes["validation"].measure_base(trainer)[0]["reward"]
+                _save_images(base_images, out / "samples" / "base.safetensors")
                 _save_grid(base_images, prompts, out / "samples_base.png")
                 _save_grid(data_images(prompts, settings.eval_images), prompts, out / "samples_data.png")
             if end > done:
                 trainer.train()
                 record, images = probes["heldout"].measure(trainer)
-                if end == settings.steps:
-                    record["validation_reward"] = probes["validation"].reward(trainer)
-                    if seed == settings.seeds[0]:
-                        _save_grid(images, prompts, out / "samples" / f"{slug}_lr{lr:g}.png")
+                record["validation_reward"] = probes["validation"].reward(trainer)
+                if seed == settings.seeds[0]:
+                    _save_images(images, run_dir / f"heldout-step-{end}.safetensors")
                 records.append({"step": end, **record})
                 _write_json(records_file, records)
         del trainer
@@ -398,138 +439,221 @@ def trajectory(run: dict, metric: str) -> tuple[list[int], list[float], list[flo
     return steps, [m for m, _ in stats], [s for _, s in stats]
 
 
+def matched_reward(records: list[dict], target: float) -> tuple[float, float, int]:
+    """The best held-out reward along a run's trajectory (the base, then each segment, joined by straight lines)
+    while its feature diversity stays >= ``target``: ``(reward, held-out SE of its gain, step)``, where a segment
+    that crosses ``target`` contributes its point at ``target`` (step: the segment's end)."""
+    points = [(r["feature_diversity"], r["reward"], r["reward_gain_se"], r["step"]) for r in records]
+    candidates = [(reward, se, step) for diversity, reward, se, step in points if diversity >= target]
+    for (d0, r0, s0, _), (d1, r1, s1, step) in zip(points, points[1:]):
+        if (d0 - target) * (d1 - target) < 0:
+            w = (d0 - target) / (d0 - d1)
+            candidates.append((r0 + w * (r1 - r0), s0 + w * (s1 - s0), step))
+    return max(candidates) if candidates else (float("nan"), float("nan"), 0)
+
+
 def _fmt(mean: float, se: float | None, digits: int) -> str:
     return f"{mean:.{digits}f}" if se is None else f"{mean:.{digits}f} ± {se:.{digits}f}"
 
 
+def _chosen(run: dict) -> list[dict]:
+    """Each seed's record at its chosen checkpoint."""
+    return [records[chosen_index(records)] for records in run["seeds"].values()]
+
+
+def best_runs(results: dict) -> dict[str, str]:
+    """Each method's run whose chosen checkpoints score the best mean validation reward."""
+    best = {}
+    for name, run in results["runs"].items():
+        score = sum(r["validation_reward"] for r in _chosen(run)) / len(run["seeds"])
+        if run["method"] not in best or score > best[run["method"]][1]:
+            best[run["method"]] = (name, score)
+    return {method: name for method, (name, _) in best.items()}
+
+
 def render_table(results: dict) -> str:
-    """Markdown: per group, the final held-out values of every run (mean ± SE over seeds) and the base."""
+    """Markdown: the held-out values of every run at its chosen checkpoint (mean ± SE over seeds), the base, and
+    each method's reward at matched diversity."""
     from ..evaluation.aggregate import mean_and_se
 
-    base = results["base"]
-    settings = results["settings"]
+    base, settings = results["base"], results["settings"]
     lines = [
-        f"Held-out after {settings['steps']} steps; mean ± SE over seeds {settings['seeds']}; "
-        f"{settings['eval_images']} images per prompt. Each run at the learning rate (of {settings['learning_rates']}) "
-        f"whose seed-{settings['seeds'][0]} run scored best on the validation seeds ({settings['val_images']} images "
-        "per prompt, disjoint from the held-out ones); 'validation sweep' lists those validation rewards. "
-        f"Reward: the raw `{settings['reward']}` score (the training reward without its scale); colour, shape, count, "
-        "position: the `shapes` checks, in [0, 1]. "
-        "Δ reward: the gain over the base; 'held-out SE': its standard error from the finite held-out set (the "
-        "paired SE over held-out images, averaged over seeds) — every run is measured on the same held-out noise, "
-        "so this error is shared by the runs and is not in the ± over seeds.",
+        f"Held-out values ({settings['eval_images']} images per prompt) at each run's chosen checkpoint: the step of "
+        f"0..{settings['steps']} (every {settings['eval_every']}) with the best reward on the validation seeds "
+        f"({settings['val_images']} images per prompt, disjoint from the held-out ones); mean ± SE over seeds "
+        f"{settings['seeds']}. Reward: the `{settings['reward']}` score in [0, 1]; pass: the GenEval-style fraction "
+        "of images whose every check passes; colour, shape, count, position: the checks. Δ reward: the gain over the "
+        "base; 'held-out SE': its standard error from the finite held-out set (paired over held-out images, averaged "
+        "over seeds), shared by every run since all are measured on the same held-out noise.",
         "",
+        "| run | lr | step | reward | Δ reward | held-out SE | pass | colour | shape | count | position | pixel div. "
+        "| feature div. | W2 div. |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| base | | 0 | {base['reward']:.4f} | | | {base['geneval_pass']:.3f} | {base['colour']:.3f} | "
+        f"{base['shape']:.3f} | {base['count']:.3f} | {base['position']:.3f} | {base['pixel_diversity']:.3f} | "
+        f"{base['feature_diversity']:.3f} | 0 |",
     ]
-    for group in ("methods", "ablation"):
-        names = [name for name, run in results["runs"].items() if run["group"] == group]
-        if not names:
-            continue
-        lines += [f"### {group}", "",
-                  "| run | lr | validation sweep | reward | Δ reward | held-out SE | colour | shape | count | position "
-                  "| pixel div. | feature div. | W2 div. |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-                  f"| base | | {base['validation_reward']:.4f} | {base['reward']:.4f} | | | {base['colour']:.3f} | "
-                  f"{base['shape']:.3f} | {base['count']:.3f} | {base['position']:.3f} | {base['pixel_diversity']:.3f} | "
-                  f"{base['feature_diversity']:.3f} | 0 |"]
-        for name in names:
-            finals = list(results["runs"][name]["seeds"].values())
+    for name, run in results["runs"].items():
+        chosen = _chosen(run)
 
-            def final(metric, digits=3, finals=finals):
-                return _fmt(*mean_and_se([records[-1][metric] for records in finals]), digits)
+        def final(metric, digits=3, chosen=chosen):
+            return _fmt(*mean_and_se([r[metric] for r in chosen]), digits)
 
-            gain = _fmt(*mean_and_se([records[-1]["reward"] - base["reward"] for records in finals]), 4)
-            heldout_se = sum(records[-1]["reward_gain_se"] for records in finals) / len(finals)
-            run = results["runs"][name]
-            sweep = ", ".join(f"{lr}: {value:.4f}" for lr, value in run["lr_sweep"].items())
-            lines.append(f"| {name} | {run['learning_rate']:g} | {sweep} | {final('reward', 4)} | {gain} | {heldout_se:.4f} | "
-                         f"{final('colour')} | {final('shape')} | {final('count')} | {final('position')} | "
-                         f"{final('pixel_diversity')} | "
-                         f"{final('feature_diversity')} | {_fmt(*mean_and_se([r[-1]['w2_divergence'] for r in finals]), 5)} |")
-        seeds = list(results["runs"][names[0]]["seeds"])
-        lines += ["", "Per seed: the final gain over the base and its held-out z (gain / held-out SE).", "",
-                  "| run | " + " | ".join(f"seed {seed}" for seed in seeds) + " |", "|---|" + "---|" * len(seeds)]
-        for name in names:
-            cells = []
-            for records in results["runs"][name]["seeds"].values():
-                gain = records[-1]["reward"] - base["reward"]
-                cells.append(f"{gain:+.4f} ({gain / records[-1]['reward_gain_se']:.1f})")
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines.append("")
+        steps = "/".join(str(r["step"]) for r in chosen)
+        gain = _fmt(*mean_and_se([r["reward"] - base["reward"] for r in chosen]), 4)
+        heldout_se = sum(r["reward_gain_se"] for r in chosen) / len(chosen)
+        lines.append(f"| {name} | {run['learning_rate']:g} | {steps} | {final('reward', 4)} | {gain} | "
+                     f"{heldout_se:.4f} | {final('geneval_pass')} | {final('colour')} | {final('shape')} | "
+                     f"{final('count')} | {final('position')} | {final('pixel_diversity')} | "
+                     f"{final('feature_diversity')} | {final('w2_divergence', 5)} |")
+    target = settings["matched_diversity"] * base["feature_diversity"]
+    lines += ["", f"Reward at matched diversity: the best held-out reward along each run's trajectory while its "
+              f"feature diversity stays >= {settings['matched_diversity']:g} x the base's ({target:.3f}), "
+              "interpolated between evaluations; per method, its best strength (± SE over seeds, or the held-out SE "
+              "with one seed).", "",
+              "| method | run | reward | Δ reward | ± |", "|---|---|---|---|---|"]
+    by_method = {}
+    for name, run in results["runs"].items():
+        values = [matched_reward(records, target) for records in run["seeds"].values()]
+        mean, se = mean_and_se([v[0] for v in values])
+        se = se if se is not None else values[0][1]
+        if run["method"] not in by_method or mean > by_method[run["method"]][1]:
+            by_method[run["method"]] = (name, mean, se)
+    for method, (name, mean, se) in sorted(by_method.items(), key=lambda item: -item[1][1]):
+        lines.append(f"| {method} | {name} | {mean:.4f} | {mean - base['reward']:+.4f} | {se:.4f} |")
+    lines.append("")
     return "\n".join(lines)
 
 
+STYLES = ("-", "--", ":")
+
+
+def _styles(results: dict) -> dict[str, tuple]:
+    """Per run: its method's colour and its strength's line style."""
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(run["method"] for run in results["runs"].values()))
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    styles, index = {}, {}
+    for name, run in results["runs"].items():
+        k = index[run["method"]] = index.get(run["method"], -1) + 1
+        styles[name] = (colours[run["method"]], STYLES[k % len(STYLES)])
+    return styles
+
+
 def plot_results(results: dict, out: Path) -> list[Path]:
-    """Per group: ``<group>_reward_vs_diversity.png`` (pixel and feature diversity), ``<group>_reward_vs_divergence.png``
-    (trajectories of the mean over seeds from the base, ± SE bars at the end) and ``<group>_learning_curves.png``
-    (reward, feature diversity and W2 divergence against steps, ± SE bands)."""
+    """``frontier.png``: held-out reward against feature diversity and against W2 divergence along each run's
+    training (mean over seeds; a star at the chosen checkpoint; colour: method, line style: strength);
+    ``learning_curves.png``: reward, pass rate and feature diversity against steps (± SE bands over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    for group in ("methods", "ablation"):
-        runs = {name: run for name, run in results["runs"].items() if run["group"] == group}
-        if not runs:
-            continue
-        panels = [("reward_vs_diversity", ["pixel_diversity", "feature_diversity"]),
-                  ("reward_vs_divergence", ["w2_divergence"])]
-        for stem, xs in panels:
-            fig, axes = plt.subplots(1, len(xs), figsize=(5.5 * len(xs), 4.2), squeeze=False)
-            for ax, x_metric in zip(axes[0], xs):
-                for name, run in runs.items():
-                    _, x, x_se = trajectory(run, x_metric)
-                    _, y, y_se = trajectory(run, "reward")
-                    line, = ax.plot(x, y, marker="o", markersize=3, label=name)
-                    ax.errorbar(x[-1], y[-1], xerr=x_se[-1], yerr=y_se[-1], color=line.get_color(),
-                                marker="s", capsize=3)
-                ax.scatter([x[0]], [y[0]], color="black", zorder=5, label="base")
-                ax.set_xlabel(x_metric.replace("_", " "))
-                ax.set_ylabel("held-out reward")
-                ax.grid(alpha=0.3)
-            axes[0][-1].legend(fontsize=7)
-            fig.suptitle(f"{group}: reward vs {xs[0].split('_')[-1]} along training (base = black dot)")
-            fig.tight_layout()
-            written.append(out / f"{group}_{stem}.png")
-            fig.savefig(written[-1], dpi=120)
-            plt.close(fig)
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-        for ax, metric in zip(axes, ("reward", "feature_diversity", "w2_divergence")):
-            for name, run in runs.items():
-                steps, mean, se = trajectory(run, metric)
-                line, = ax.plot(steps, mean, marker="o", markersize=3, label=name)
-                if None not in se:
-                    ax.fill_between(steps, [m - s for m, s in zip(mean, se)], [m + s for m, s in zip(mean, se)],
-                                    color=line.get_color(), alpha=0.15)
-            ax.set_xlabel("training step")
-            ax.set_ylabel(metric.replace("_", " "))
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=7)
-        fig.suptitle(f"{group}: held-out learning curves (mean ± SE over seeds)")
-        fig.tight_layout()
-        written.append(out / f"{group}_learning_curves.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+    styles, base, written = _styles(results), results["base"], []
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, x_metric in zip(axes, ("feature_diversity", "w2_divergence")):
+        for name, run in results["runs"].items():
+            colour, style = styles[name]
+            steps, x, _ = trajectory(run, x_metric)
+            _, y, _ = trajectory(run, "reward")
+            ax.plot(x, y, linestyle=style, color=colour, marker="o", markersize=2.5, label=name)
+            k = steps.index(_chosen(run)[0]["step"])
+            ax.plot(x[k], y[k], marker="*", markersize=11, color=colour, markeredgecolor="black", linestyle="none")
+        ax.scatter([base[x_metric]], [base["reward"]], color="black", zorder=5, s=40, label="base")
+        ax.set_xlabel(x_metric.replace("_", " "))
+        ax.set_ylabel(f"held-out {results['settings']['reward']} reward")
+        ax.grid(alpha=0.3)
+    axes[0].axvline(results["settings"]["matched_diversity"] * base["feature_diversity"], color="grey", linewidth=0.8,
+                    linestyle="--")
+    axes[0].invert_xaxis()  # training moves right: less diversity
+    axes[1].legend(fontsize=6, ncol=2)
+    written.append(_save_figure(fig, "Frontier: reward against diversity and W2 to the base along training (star: "
+                                     "chosen checkpoint)", out / "frontier.png"))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, metric in zip(axes, ("reward", "geneval_pass", "feature_diversity")):
+        for name, run in results["runs"].items():
+            colour, style = styles[name]
+            steps, mean, se = trajectory(run, metric)
+            ax.plot(steps, mean, linestyle=style, color=colour, marker="o", markersize=2.5, label=name)
+            if None not in se:
+                ax.fill_between(steps, [m - s for m, s in zip(mean, se)], [m + s for m, s in zip(mean, se)],
+                                color=colour, alpha=0.12)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6, ncol=2)
+    written.append(_save_figure(fig, "Held-out learning curves (mean ± SE over seeds)", out / "learning_curves.png"))
     return written
+
+
+def _save_figure(fig, title: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def save_comparison(results: dict, prompts: list[str], out: Path, per_cell: int = 2, scale: int = 2) -> Path:
+    """``samples_comparison.png``: one row per prompt, one column per model (the base, then each method's best run
+    at its chosen checkpoint), ``per_cell`` held-out images each: the same prompts and noise in every column."""
+    from PIL import ImageDraw, ImageFont
+
+    from ..utils import image_grid
+
+    columns = {"base": out / "samples" / "base.safetensors"}
+    for method, name in best_runs(results).items():
+        run = next(r for r in lab_runs(LabSettings(**results["settings"])) if r.name == name)
+        columns[method] = out / "samples" / f"{run_slug(run)}.safetensors"
+        if not columns[method].is_file():  # chosen at step 0: the base's images
+            columns[method] = columns["base"]
+    per_prompt = results["settings"]["eval_images"]
+    cells = [_load_images(path).unflatten(0, (len(prompts), per_prompt))[:, :per_cell] for path in columns.values()]
+    images = torch.stack(cells, dim=1).flatten(0, 2)  # prompt-major, then column, then image
+    images = images.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
+    cols = len(columns) * per_cell
+    grid = image_grid(images, cols=cols, labels=prompts)
+    from PIL import Image
+
+    font, cell = ImageFont.load_default(), images.shape[-1] * per_cell
+    band = grid.width - cell * len(columns)
+    header = Image.new("RGB", (grid.width, 16), "white")
+    draw = ImageDraw.Draw(header)
+    for k, label in enumerate(columns):
+        width = draw.textbbox((0, 0), label, font=font)[2]
+        draw.text((band + k * cell + (cell - width) / 2, 2), label, fill="black", font=font)
+    figure = Image.new("RGB", (grid.width, grid.height + header.height), "white")
+    figure.paste(header, (0, 0))
+    figure.paste(grid, (0, header.height))
+    path = out / "samples_comparison.png"
+    figure.save(path)
+    return path
 
 
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="adrpo-lab", description="The method lab: ADRPO against ORW-CFM-W2, "
-                                     "fixed-beta and RAFT on the coloured-shapes task (docs/method_lab.md).")
-    parser.add_argument("--output_dir", default=LabSettings.output_dir)
+    defaults = LabSettings()
+    parser = argparse.ArgumentParser(prog="adrpo-lab", description="The method lab: each method's reward-diversity "
+                                     "frontier on the coloured-shapes task (docs/method_lab.md).")
+    parser.add_argument("--output_dir", default=defaults.output_dir)
     parser.add_argument("--quick", action="store_true", help="smoke scale: one seed, two steps, a few images")
-    parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2)")
-    parser.add_argument("--steps", type=int, help=f"training steps per run (default {LabSettings.steps})")
-    parser.add_argument("--eval_every", type=int, help=f"steps between held-out evaluations (default {LabSettings.eval_every})")
+    parser.add_argument("--seeds", type=int, nargs="+", help=f"training seeds (default {defaults.seeds})")
+    parser.add_argument("--steps", type=int, help=f"training steps per run (default {defaults.steps})")
+    parser.add_argument("--eval_every", type=int, help=f"steps between held-out evaluations (default {defaults.eval_every})")
     parser.add_argument("--sampler_steps", type=int, help=f"Euler steps of rollouts and held-out samples "
-                        f"(default {LabSettings.sampler_steps})")
-    parser.add_argument("--ablation", choices=("none", "one", "all"),
-                        help="also run the ADRPO ablation (clip range, reward scale, group size): all of it, or its "
-                             "first run (default none)")
+                        f"(default {defaults.sampler_steps})")
+    parser.add_argument("--methods", nargs="+", metavar="METHOD", help=f"only these methods, of {', '.join(FRONTIER)}")
+    parser.add_argument("--strengths", type=int, choices=(1, 2, 3),
+                        help="the first 1, 2 or 3 strengths of each method's regulariser (default 3)")
+    parser.add_argument("--learning_rates", type=float, nargs="+", metavar="LR",
+                        help="sweep these rates on the first seed and keep the best on validation seeds (default: each "
+                             "method's own rate, " + ", ".join(f"{m} {lr:g}" for m, lr in LEARNING_RATES.items()) + ")")
     parser.add_argument("--runs", nargs="+", metavar="NAME", help="only these runs, by their names in the table, e.g. "
-                        "--runs adrpo 'raft top-1' (with --ablation: its runs too, e.g. 'adrpo reward x100')")
+                        "--runs 'adrpo beta0=1' 'nft kl_beta=0.1'")
     parser.add_argument("--resume", action="store_true", help="continue a killed lab in --output_dir (same options)")
     args = parser.parse_args(argv)
     try:
@@ -537,7 +661,7 @@ def main(argv=None) -> int:
     except ImportError:
         parser.error("the lab's plots need matplotlib: pip install -e '.[lab]'")
     settings = quick_settings(args.output_dir) if args.quick else LabSettings(output_dir=args.output_dir)
-    for name in ("seeds", "steps", "eval_every", "sampler_steps", "ablation", "runs"):
+    for name in ("seeds", "steps", "eval_every", "sampler_steps", "methods", "strengths", "learning_rates", "runs"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     if min(settings.steps, settings.eval_every, settings.sampler_steps) < 1 or not settings.seeds:
@@ -546,11 +670,13 @@ def main(argv=None) -> int:
         parser.error(f"--seeds must be distinct, got {settings.seeds}")
     if settings.steps % settings.eval_every:
         parser.error(f"--steps ({settings.steps}) must be a multiple of --eval_every ({settings.eval_every})")
+    if any(lr <= 0 for lr in settings.learning_rates):
+        parser.error(f"--learning_rates must be positive, got {settings.learning_rates}")
     try:
         lab_runs(settings)
     except ValueError as err:
         parser.error(str(err))
     results = run_lab(settings, resume=args.resume)
     print((Path(settings.output_dir) / "lab_table.md").read_text())
-    print(f"[lab] {results['seconds']:.0f} s; results, table and plots in {settings.output_dir}")
+    print(f"[lab] {results['seconds']:.0f} s; results, table, plots and grids in {settings.output_dir}")
     return 0

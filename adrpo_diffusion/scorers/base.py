@@ -51,5 +51,10 @@ class Scorer:
     def _score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         raise NotImplementedError
 
+    def details(self, images, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Per-image diagnostics beyond the score, ``{name: (N,) tensor}`` (NaN where one does not apply), reported
+        in the held-out summary; none by default."""
+        return {}
+
     def to(self, device) -> Scorer:
         return self

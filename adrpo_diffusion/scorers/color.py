@@ -6,11 +6,14 @@ import re
 
 import torch
 
+from ..tasks.shapes import COLOURS as SHAPES_PALETTE
 from . import register_scorer
 from .base import Scorer
 
+# red, green, blue and yellow are exactly the colours the shapes task paints (so climbing this reward on shapes
+# captions moves the pixels towards the data's colours, not away from them)
 COLORS = {
-    "red": (1.0, 0.0, 0.0), "green": (0.0, 0.8, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0),
+    **SHAPES_PALETTE,
     "orange": (1.0, 0.55, 0.0), "purple": (0.5, 0.0, 0.5), "pink": (1.0, 0.6, 0.75), "cyan": (0.0, 1.0, 1.0),
     "white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5), "brown": (0.55, 0.27, 0.07),
 }

@@ -98,6 +98,12 @@ class WeightedReward:
         prompts = list(prompts)
         return {name: scorer.score(images, prompts).float().cpu() for name, scorer in self.scorers.items()}
 
+    def details(self, images, prompts) -> dict[str, torch.Tensor]:
+        """Every part's :meth:`.base.Scorer.details`, ``{name: (N,) tensor}`` on the CPU."""
+        prompts = list(prompts)
+        return {key: value.float().cpu() for scorer in self.scorers.values()
+                for key, value in scorer.details(images, prompts).items()}
+
     def combine(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """``sum_k w_k * part_k`` of :meth:`score_parts`' output."""
         return sum(self.weights[name] * parts[name] for name in self.names)

@@ -25,6 +25,11 @@ position), averaged over the clauses:
   puts it), 0.5 at the middle, 0 in the opposite band.
 
 The reward is the mean of the checks that apply. :meth:`ShapesScorer.checks` returns them one by one.
+
+``geneval_pass`` (:meth:`ShapesScorer.details`), the strict reading GenEval reports: 1 when *every* check that
+applies exceeds ``PASS_THRESHOLD`` = 0.5, else 0. So the count must be exact (``exp(-1) < 0.5``), the named shape
+must be the most likely one by a margin, the colour must be mostly present and clean, and a positioned shape must
+sit on the named half of the image.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ MIN_BLOB = 4
 MIN_AREA = 16
 SHAPE_TEMPERATURE = 0.05
 CHECKS = ("colour", "shape", "count", "position")
+PASS_THRESHOLD = 0.5
 
 
 def colour_distances(images: torch.Tensor) -> torch.Tensor:
@@ -176,6 +182,13 @@ class ShapesScorer(Scorer):
                 if scores:
                     out[name][i] = float(sum(scores) / len(scores))
         return out
+
+    def details(self, images, prompts) -> dict[str, torch.Tensor]:
+        """The :meth:`checks` and ``geneval_pass`` (module docstring) of every image."""
+        checks = self.checks(images, prompts)
+        stacked = torch.stack(list(checks.values()))
+        passed = (stacked.isnan() | (stacked > PASS_THRESHOLD)).all(dim=0).float()
+        return {**checks, "geneval_pass": passed}
 
     def _score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return torch.stack(list(self.checks(images, prompts).values())).nanmean(dim=0)

@@ -10,7 +10,8 @@
     blip/model_large.pth    BLIP in the layout of BLIP's model_large.pth (for BLIPScore)
 
 A scorer option ``builtin:tiny-scorers/<path>`` resolves to ``<ADRPO cache>/tiny-scorers/<path>``
-(:mod:`adrpo_diffusion.builtin`); the assets are built there on first use (about a second). Scores from random weights carry no meaning: they test the plumbing.
+(:mod:`adrpo_diffusion.builtin`); the assets are built there on first use (about a second). Scores from random
+weights carry no meaning: they test the plumbing.
 """
 
 from __future__ import annotations
