@@ -47,7 +47,6 @@ from pathlib import Path
 
 import torch
 
-METRICS = ("reward", "geneval_pass", "pixel_diversity", "feature_diversity", "w2_divergence")
 CHECK_NAMES = ("colour", "shape", "count", "position")
 NORMALISED = {"advantage_normalization": "group_std"}
 
@@ -333,8 +332,11 @@ def run_lab(settings: LabSettings, resume: bool = False) -> dict:
         }
         chosen = sweep[best][chosen_index(sweep[best])]["step"]
         source = _run_dir(out, run, best, first) / f"heldout-step-{chosen}.safetensors"
-        if source.is_file():  # step 0: the base's images
-            shutil.copyfile(source, out / "samples" / f"{run_slug(run)}.safetensors")
+        target = out / "samples" / f"{run_slug(run)}.safetensors"
+        if source.is_file():
+            shutil.copyfile(source, target)
+        else:  # chosen at step 0: the comparison shows the base's images (never an older lab's file)
+            target.unlink(missing_ok=True)
     results["seconds"] = time.perf_counter() - start
     _write_json(out / "results.json", results)
     (out / "lab_table.md").write_text(render_table(results))
