@@ -20,7 +20,7 @@ start and end tokens) instead of CLIP's 77: the transformer then attends over 40
 
 Everything is seeded, so a build is deterministic on a given machine and thread count (about 5 minutes on 2 CPU
 cores). The training is short on purpose: measured on the 16 captions of ``prompts/shapes.txt`` x 16 noise seeds
-(12 Euler steps), the base draws the named colours, its shapes are recognisable but often wrong (shape check 0.38,
+(12 Euler steps), the base draws the named colours, its shapes are recognisable but often wrong (shape check 0.37,
 chance 0.33), a single sample scores 0.61 on the ``shapes`` reward while the best of 8 scores 0.77, and it draws
 different images for different noise: room for an RL fine-tuning to improve, as SD3 has on GenEval. (Tried on the
 way: the earlier 4-head base with the same larger shapes scored 0.585, shape 0.34, best of 8 0.72.)
