@@ -273,8 +273,7 @@ class Trainer:
     def heldout_rewards(self, adapters: bool = True, seeds=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Rewards, images and each reward part's raw scores of the held-out (prompt, seed) pairs; seeded generators,
         global RNG untouched."""
-        seeds = self.cfg.eval_seeds if seeds is None else seeds
-        pairs = [(i, s) for s in seeds for i in self.eval_indices]
+        pairs = self._heldout_pairs(self.cfg.eval_seeds if seeds is None else seeds)
         if not pairs:
             return torch.zeros(0), torch.zeros(0), {}
         generators = [torch.Generator().manual_seed(s * 100_003 + i) for i, s in pairs]
@@ -282,9 +281,13 @@ class Trainer:
         rewards, parts = self._score(images, [i for i, _ in pairs])
         return rewards.cpu(), images, {k: v.cpu() for k, v in parts.items()}
 
+    def _heldout_pairs(self, seeds) -> list[tuple[int, int]]:
+        """The held-out (prompt index, seed) pairs, in the order of :meth:`heldout_rewards`' outputs."""
+        return [(i, s) for s in seeds for i in self.eval_indices]
+
     def _details_change(self, before_images: torch.Tensor, after_images: torch.Tensor) -> dict:
         """The paired change of every scorer diagnostic (:meth:`.scorers.base.Scorer.details`) on the held-out pairs."""
-        prompts = [self.prompts[i] for _ in self.cfg.eval_seeds for i in self.eval_indices]
+        prompts = [self.prompts[i] for i, _ in self._heldout_pairs(self.cfg.eval_seeds)]
         before, after = self.scorer.details(before_images, prompts), self.scorer.details(after_images, prompts)
         return {name: _paired_change(before[name], after[name]) for name in after
                 if (before[name].isfinite() & after[name].isfinite()).any()}

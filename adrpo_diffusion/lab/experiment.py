@@ -331,8 +331,8 @@ def run_lab(settings: LabSettings, resume: bool = False) -> dict:
             "seeds": {str(first): sweep[best], **{str(seed): train(run, best, seed) for seed in others}},
         }
         chosen = sweep[best][chosen_index(sweep[best])]["step"]
-        source = _run_dir(out, run, best, first) / f"heldout-step-{chosen}.safetensors"
-        target = out / "samples" / f"{run_slug(run)}.safetensors"
+        source = _run_dir(out, run.name, best, first) / f"heldout-step-{chosen}.safetensors"
+        target = out / "samples" / f"{run_slug(run.name)}.safetensors"
         if source.is_file():
             shutil.copyfile(source, target)
         else:  # chosen at step 0: the comparison shows the base's images (never an older lab's file)
@@ -350,12 +350,13 @@ def chosen_index(records: list[dict]) -> int:
     return max(range(len(records)), key=lambda k: records[k]["validation_reward"])
 
 
-def run_slug(run: LabRun) -> str:
-    return run.name.replace(" ", "_").replace("=", "")
+def run_slug(name: str) -> str:
+    """A run's name as a file name: ``nft kl_beta=0.1`` -> ``nft_kl_beta0.1``."""
+    return name.replace(" ", "_").replace("=", "")
 
 
-def _run_dir(out: Path, run: LabRun, lr: float, seed: int) -> Path:
-    return out / "runs" / run_slug(run) / f"lr-{lr:g}" / f"seed-{seed}"
+def _run_dir(out: Path, name: str, lr: float, seed: int) -> Path:
+    return out / "runs" / run_slug(name) / f"lr-{lr:g}" / f"seed-{seed}"
 
 
 def _save_images(images: torch.Tensor, path: Path) -> None:
@@ -380,7 +381,7 @@ def _train_and_track(settings: LabSettings, run: LabRun, lr: float, seed: int, o
     from ..config import load_config
     from ..trainer import Trainer
 
-    run_dir = _run_dir(out, run, lr, seed)
+    run_dir = _run_dir(out, run.name, lr, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     records_file = run_dir / "records.json"
     records = json.loads(records_file.read_text()) if records_file.is_file() else []
@@ -602,14 +603,13 @@ def _save_figure(fig, title: str, path: Path) -> Path:
 def save_comparison(results: dict, prompts: list[str], out: Path, per_cell: int = 2, scale: int = 2) -> Path:
     """``samples_comparison.png``: one row per prompt, one column per model (the base, then each method's best run
     at its chosen checkpoint), ``per_cell`` held-out images each: the same prompts and noise in every column."""
-    from PIL import ImageDraw, ImageFont
+    from PIL import Image, ImageDraw, ImageFont
 
     from ..utils import image_grid
 
     columns = {"base": out / "samples" / "base.safetensors"}
     for method, name in best_runs(results).items():
-        run = next(r for r in lab_runs(LabSettings(**results["settings"])) if r.name == name)
-        columns[method] = out / "samples" / f"{run_slug(run)}.safetensors"
+        columns[method] = out / "samples" / f"{run_slug(name)}.safetensors"
         if not columns[method].is_file():  # chosen at step 0: the base's images
             columns[method] = columns["base"]
     per_prompt = results["settings"]["eval_images"]
@@ -618,8 +618,6 @@ def save_comparison(results: dict, prompts: list[str], out: Path, per_cell: int 
     images = images.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
     cols = len(columns) * per_cell
     grid = image_grid(images, cols=cols, labels=prompts)
-    from PIL import Image
-
     font, cell = ImageFont.load_default(), images.shape[-1] * per_cell
     band = grid.width - cell * len(columns)
     header = Image.new("RGB", (grid.width, 16), "white")
