@@ -489,18 +489,25 @@ def main(argv=None) -> int:
         from .benchmark_e2e import main as e2e_main
 
         return e2e_main([arg for arg in argv if arg != "--e2e"])
-    parser = argparse.ArgumentParser(prog="adrpo-benchmark", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", choices=["tiny", "sd3-medium"], default="tiny")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--resolution", type=int, default=None, help="default: 32 for tiny, 512 for sd3-medium")
-    parser.add_argument("--lora_rank", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--scenarios", default="all", help="comma-separated scenario names, or all")
-    parser.add_argument("--peak_tflops", type=float, default=None, help="bf16 peak of the device for MFU (default: by name)")
+    parser = argparse.ArgumentParser(prog="adrpo-benchmark", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--arch", choices=["tiny", "sd3-medium"], default="tiny",
+                        help="the model measured: a tiny random SD3 built offline (CPU), or SD3-medium's architecture "
+                             "at full size with random weights (a GPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device; the scenarios differ between cpu and cuda")
+    parser.add_argument("--resolution", type=int, default=None, help="pixels (None: 32 for tiny, 512 for sd3-medium)")
+    parser.add_argument("--lora_rank", type=int, default=32, help="LoRA rank of the trained adapters")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions of each phase (the median is kept)")
+    parser.add_argument("--scenarios", default="all", help="comma-separated scenario names, or all. cpu: "
+                        + ", ".join(s.name for s in default_scenarios("cpu")) + "; cuda: "
+                        + ", ".join(s.name for s in default_scenarios("cuda")))
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="bf16 peak of the device for MFU (None: by the device's name)")
     parser.add_argument("--time_budget", type=float, default=float("inf"),
                         help="skip the remaining scenarios after this many seconds")
     parser.add_argument("--no_text_encoders", action="store_true", help="skip the prompt-caching measurement")
-    parser.add_argument("--output", default="benchmark.json")
+    parser.add_argument("--output", default="benchmark.json", help="JSON report")
     parser.add_argument("--e2e", action="store_true", help="instead: the real trainer end to end, one config and its "
                                                            "variants (options: adrpo-benchmark --e2e --help)")
     args = parser.parse_args(argv)

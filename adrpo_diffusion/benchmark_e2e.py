@@ -299,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adrpo-benchmark --e2e", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:3]))
-    parser.add_argument("--arch", choices=sorted(ARCHS), default="tiny")
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="tiny",
+                        help="the pipeline built for the run: tiny (CPU, seconds) or a real architecture at full size "
+                             "with random weights (a GPU)")
     parser.add_argument("--config", default=None, help="configs/<name>.yaml or a .yaml path (default: sd3_medium_80gb "
                                                        "for sd3-medium, tiny_cpu for tiny)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE...]",

@@ -15,6 +15,8 @@ import re
 import shutil
 from pathlib import Path
 
+from .utils import umask_permissions
+
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 MANIFEST_NAME = "manifest.json"
 # What a training run writes into its output_dir (README, "What a run writes").
@@ -147,6 +149,7 @@ def save_checkpoint(accelerator, checkpoints_dir: str | os.PathLike, step: int, 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_manifest(tmp, config)
+        umask_permissions(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

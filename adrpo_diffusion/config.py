@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import typing
 import warnings
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from .losses import TIME_SAMPLING
 from .methods import available_methods, build_method, method_problems, methods_help, methods_with_option
 from .methods import documented as _f
 from .scorers import check_reward
-from .utils import load_yaml_mapping, unknown_keys_message
+from .utils import command_line_value, load_yaml_mapping, unknown_keys_message
 
 
 class ConfigError(ValueError):
@@ -222,17 +223,29 @@ def validate(cfg: TrainConfig) -> None:
         warnings.warn(message, stacklevel=2)
 
 
+def _takes_a_list(name: str) -> bool:
+    return list in (_type_of(name), *typing.get_args(typing.get_type_hints(TrainConfig)[name]))
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return json.dumps(default) if isinstance(default, (list, dict)) else str(default)
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adrpo-train", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Online RL fine-tuning of SD3-family models with LoRA (ADRPO and baselines).\n"
-        "Every config key can be given as --key value; values are parsed as YAML (e.g. --eval_seeds '[1, 2]').",
+        "Every config key can be given as --key value; values are parsed as YAML (--method_options '{beta0: 0.5}'); "
+        "a list is\nseveral values or one YAML list (--eval_seeds 1 2, or --eval_seeds '[1, 2]').",
         epilog=methods_help(),
     )
     parser.add_argument("--config", help="YAML config file (see configs/).")
     for name, f in FIELDS.items():
         parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="VALUE",
-                            help=f.metadata["help"].replace("%", "%%"))  # argparse reads % as a format code
+                            nargs="+" if _takes_a_list(name) else None,
+                            help=f"{f.metadata['help']} (default: {_default_text(f)})".replace("%", "%%"))  # argparse
+        # reads % as a format code
     return parser
 
 
@@ -242,10 +255,9 @@ def config_from_args(argv=None) -> TrainConfig:
     if unknown:
         flags = [a.lstrip("-").split("=")[0] for a in unknown if a.startswith("--")]
         raise unknown_key_error(flags or unknown, "the command line")
-    overrides = {}
-    for name, raw in vars(args).items():
-        if name == "config":
-            continue
-        # str fields keep the raw text; the rest, and reward (a name or a mapping), are parsed as YAML
-        overrides[name] = raw if _type_of(name) is str and name != "reward" else yaml.safe_load(raw)
+    def parse(name, raw):  # str fields keep the raw text; the rest, and reward (a name or a mapping), are YAML
+        return raw if _type_of(name) is str and name != "reward" else yaml.safe_load(raw)
+
+    overrides = {name: command_line_value(raw, lambda text, name=name: parse(name, text), _type_of(name) is list)
+                 for name, raw in vars(args).items() if name != "config"}
     return load_config(args.config, overrides)

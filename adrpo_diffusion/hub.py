@@ -131,7 +131,7 @@ def write_upload_folder(run_dir: str | Path, repo_id: str) -> Path:
     for name in UPLOADED:
         if (run_dir / name).is_file():
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(run_dir / name, folder / name)
+            shutil.copyfile(run_dir / name, folder / name)  # new files under the umask (copy2 keeps old modes)
     card = model_card(config, summary, repo_id, has_samples=(folder / SAMPLES).is_file())
     write_atomic(folder / "README.md", lambda tmp: tmp.write_text(card, encoding="utf-8"))
     return folder

@@ -31,7 +31,7 @@ from .families import AdapterCopies, MergedLoRA, ModelFamily, adapters_off, chec
 from .losses import flow_matching_pair, sample_times
 from .methods import FlowBatch, Method, build_method
 from .prompts import PromptSampler, split_prompts
-from .scorers import build_reward, check_reward
+from .scorers import build_reward, check_reward, check_reward_sources
 from .utils import image_grid, mean_and_se
 
 
@@ -100,6 +100,7 @@ class Trainer:
         training, heldout = split_prompts(cfg.prompt_file, cfg.heldout_fraction)
         self.prompts, self.num_training_prompts = training + heldout, len(training)
         check_reward(cfg.reward, cfg.reward_options, self.prompts)
+        check_reward_sources(cfg.reward, cfg.reward_options)
         check_model_source(cfg.pretrained_model)
         self.output_dir = Path(cfg.output_dir)
         self.checkpoints_dir = self.output_dir / "checkpoints"

@@ -1,11 +1,14 @@
 """Small helpers every layer shares (core: imports nothing else of the package).
 
 - :func:`write_atomic` and :func:`replace_directory`: a file or a directory written under a temporary name and
-  renamed into place, so an interrupted write never leaves a half-written result behind;
+  renamed into place, so an interrupted write never leaves a half-written result behind; :func:`umask_permissions`
+  gives what they (and safetensors) write the permissions of the process's umask;
 - :func:`load_yaml_mapping` and :func:`unknown_keys_message`: YAML config files and the did-you-mean message of
   both configs (training and evaluation);
+- :func:`command_line_value`: one list syntax for every command (``--seeds 0 1`` or ``--seeds '[0, 1]'``);
 - :func:`mean_and_se`: the standard error used everywhere (held-out checks, tables, the method lab);
-- :func:`cache_dir`: where built-in models and assets are built once.
+- :func:`cache_dir`: where built-in models and assets are built once;
+- :func:`check_source`: whether a model (local, cached or on the hub) can be loaded, asked before anything loads.
 """
 
 from __future__ import annotations
@@ -13,10 +16,56 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_source(spec: str, filename: str, local_option: Callable[[str], str], file_ok: bool = True) -> None:
+    """Fail in a moment, before anything loads, when ``spec`` cannot provide ``filename``: a local file; a local
+    directory holding it; an http(s) URL (offline: already in torch.hub's cache); a hub id whose ``filename`` is in
+    the hub cache or, online, on the hub (one request). ``local_option(path)`` is how the user passes a local copy
+    instead, in the command's own words (``--pretrained_model /models/x``, ``--reward_options '{model: /models/x}'``).
+    ``file_ok``: whether a file may stand for ``filename`` itself (a checkpoint), or only a directory (a model)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if file_ok:
+            return
+        raise FileNotFoundError(f"{spec} is a file: pass the directory that holds {filename}, {local_option('DIR')}.")
+    if path.is_dir():
+        if (path / filename).is_file():
+            return
+        raise FileNotFoundError(f"{spec} is a directory without {filename}: pass a directory that holds it (a "
+                                f"save_pretrained output or a downloaded snapshot), {local_option(str(path))}.")
+    from huggingface_hub import constants, file_exists, try_to_load_from_cache
+
+    name = spec.rstrip("/").split("/")[-1]
+    if spec.startswith(("http://", "https://")):
+        import torch
+
+        if (Path(torch.hub.get_dir()) / "checkpoints" / name).is_file() or not constants.HF_HUB_OFFLINE:
+            return
+        raise FileNotFoundError(f"{spec} is not in torch.hub's cache and HF_HUB_OFFLINE is set. Download it where there "
+                                f"is network and pass the file: {local_option('/models/' + name)}.")
+    hint = (f"Download it once where there is network (`hf download {spec} --local-dir /models/{name}`) and pass the "
+            f"directory: {local_option('/models/' + name)}.")
+    if not HUB_ID.match(spec):
+        raise FileNotFoundError(f"{spec!r} is neither a local file or directory nor a hub id (owner/name). {hint}")
+    if isinstance(try_to_load_from_cache(spec, filename), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"{spec!r} is not a local directory and not in the hub cache, and HF_HUB_OFFLINE is "
+                                f"set. {hint}")
+    try:
+        found = file_exists(spec, filename)
+    except Exception as err:  # no network, a gated repository without a token, ...
+        raise FileNotFoundError(f"Cannot reach {spec!r} on the hub ({type(err).__name__}: {err}). {hint}") from err
+    if not found:
+        raise FileNotFoundError(f"{spec!r} has no {filename} on the hub. {hint}")
 
 
 def cache_dir() -> Path:
@@ -24,11 +73,26 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ADRPO_CACHE", Path.home() / ".cache" / "adrpo_diffusion"))
 
 
+def umask_permissions(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file, or a directory and everything in it) the permissions a plain ``open`` or ``mkdir`` gives
+    under the process's umask (0644 / 0755 with the usual 022). safetensors and ``tempfile.mkdtemp`` create owner-only
+    files and directories, which teammates on a shared filesystem could not read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path = Path(path)
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for item in paths:
+        if not item.is_symlink():
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
-    """``write(tmp)`` into a temporary file beside ``path``, then one rename: never a half-written file."""
+    """``write(tmp)`` into a temporary file beside ``path``, then one rename: never a half-written file. The file
+    gets the umask's permissions whatever ``write`` used."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     write(tmp)
+    umask_permissions(tmp)
     os.replace(tmp, path)
 
 
@@ -52,6 +116,7 @@ def replace_directory(target: str | os.PathLike, build: Callable[[Path], object]
     try:
         (tmp / "out").mkdir()
         build(tmp / "out")
+        umask_permissions(tmp / "out")
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp / "out", target)
@@ -90,6 +155,17 @@ def unknown_keys_message(keys: Iterable[str], valid: Iterable[str], where: str,
     valid = list(valid)
     names = ", ".join(f"{key!r}{hint(key) or did_you_mean(key, valid)}" for key in keys)
     return f"Unknown config key(s) in {where}: {names}. Valid keys: {', '.join(valid)}"
+
+
+def command_line_value(raw: str | list[str], parse: Callable[[str], object], is_list: bool):
+    """A config key's value from the command line, where list keys take ``nargs="+"``: several words are a list of
+    parsed items (``--seeds 0 1``); one word is its parsed value (``--seeds '[0, 1]'``), put in a list for a list key
+    (``--seeds 0``)."""
+    if not isinstance(raw, list):
+        return parse(raw)
+    values = [parse(item) for item in raw]
+    value = values[0] if len(values) == 1 else values
+    return [value] if is_list and not isinstance(value, list) else value
 
 
 def mean_and_se(values) -> tuple[float, float | None]:

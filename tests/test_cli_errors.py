@@ -121,7 +121,7 @@ def test_unknown_reward_and_reward_option(capsys):
     "model, message",
     [
         ("stabilityai/not-cached-here", "HF_HUB_OFFLINE is set"),
-        ("/no/such/dir/sd3", "neither a local directory nor a hub id"),
+        ("/no/such/dir/sd3", "neither a local file or directory nor a hub id"),
         ("builtin:huge-sd3", "Unknown built-in model"),
     ],
 )
@@ -129,12 +129,12 @@ def test_unreachable_model_says_how_to_pass_a_local_path(model, message, capsys)
     code, err = run_cli(["--config", "configs/tiny_cpu.yaml", "--pretrained_model", model], capsys)
     assert code == 2 and message in err
     if "builtin" not in model:
-        assert "pass its directory" in err
+        assert "and pass the directory: --pretrained_model /models/" in err
 
 
 def test_directory_without_model_index(tmp_path, capsys):
     code, err = run_cli(["--config", "configs/tiny_cpu.yaml", "--pretrained_model", str(tmp_path)], capsys)
-    assert code == 2 and "has no model_index.json" in err
+    assert code == 2 and f"{tmp_path} is a directory without model_index.json" in err
 
 
 def test_resume_from_a_missing_checkpoint(tmp_path, capsys):
@@ -234,3 +234,26 @@ def test_ctrl_c_prints_where_to_resume_and_exits_130(tmp_path, monkeypatch, caps
     assert f"the last checkpoint is {tmp_path / 'out' / 'checkpoints' / 'step-20'}" in err
     assert (f"adrpo-train --config configs/tiny_cpu.yaml --output_dir {tmp_path / 'out'} --resume_from_checkpoint latest"
             in err)
+
+
+def test_every_command_takes_a_list_as_several_values_or_one_yaml_list(tmp_path):
+    from adrpo_diffusion.evaluation.config import eval_config_from_args
+
+    for given, seeds in ((["1", "2"], [1, 2]), (["[1, 2]"], [1, 2]), (["7"], [7])):
+        assert config_from_args(["--config", "configs/tiny_cpu.yaml", "--eval_seeds", *given]).eval_seeds == seeds
+        evaluation = eval_config_from_args(["--config", "configs/eval_tiny_cpu.yaml", "--images_dir", str(tmp_path),
+                                            "--seeds", *given])
+        assert evaluation.seeds == seeds
+    files = ["prompts/colors.txt", "prompts/shapes.txt"]
+    assert config_from_args(["--config", "configs/tiny_cpu.yaml", "--prompt_file", *files]).prompt_file == files
+    assert config_from_args(["--config", "configs/tiny_cpu.yaml", "--prompt_file", files[0]]).prompt_file == files[0]
+
+
+def test_train_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        cli.train_main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(trainer.TrainConfig)}
+    assert out.count("(default: ") == len(defaults)
+    assert f"(default: {defaults['learning_rate']})" in out and "(default: [1000, 1001])" in out

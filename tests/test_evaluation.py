@@ -470,7 +470,7 @@ def test_missing_optional_dependencies_are_reported_before_any_work(prompts_csv,
         load_eval_config(overrides=_config(prompts_csv, metrics=["clipscore", "clipdiversity", "hpsv2"]))
     message = str(info.value)
     assert "the reward_vs_diversity.png plot needs matplotlib, which is not installed" in message
-    assert "the hpsv2 metric needs open_clip_torch" in message and 'pip install -e ".[eval]"' in message
+    assert "the hpsv2 metric needs open_clip_torch" in message and 'pip install -c constraints-ci.txt -e ".[eval]"' in message
     load_eval_config(overrides=_config(prompts_csv, metrics=["clipscore"]))  # needs neither
 
 

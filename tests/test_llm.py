@@ -2,11 +2,12 @@
 
 import importlib.util
 import json
+import sys
 import warnings
 
 import pytest
 
-SKIP_REASON = "trl is not installed: the adrpo_diffusion.llm tests need `pip install -e '.[llm]'`"
+SKIP_REASON = "trl is not installed: the adrpo_diffusion.llm tests need `pip install -c constraints-ci.txt -e '.[llm]'`"
 if importlib.util.find_spec("trl") is None:
     warnings.warn(SKIP_REASON, stacklevel=1)
 pytest.importorskip("trl", reason=SKIP_REASON)
@@ -137,17 +138,38 @@ def test_cli_rejects_unknown_keys_with_the_valid_ones(tmp_path, capsys):
     assert "'lerning_rate' (did you mean 'learning_rate'?)" in capsys.readouterr().err
 
 
-def test_cli_help_documents_the_keys(capsys):
+def test_cli_help_documents_the_keys(capsys, monkeypatch):
     with pytest.raises(SystemExit) as info:
         cli.main(["--help"])
     out = capsys.readouterr().out
-    assert info.value.code == 0 and "--beta0" in out and "--compare_with_grpo" in out and "--reward_model" in out
+    assert info.value.code == 0 and "--compare_with_grpo" in out and "--reward_model" in out
+    adrpo_keys = out.split("options:")[0]  # ADRPO's three keys before TRL's ~200, with their defaults
+    assert "--beta0 (default 0.04)" in adrpo_keys and "--advantage_max (default 0.04)" in adrpo_keys
+    assert "(default: Qwen/Qwen2-0.5B-Instruct)" in " ".join(out.split())  # argparse wraps lines
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # the Try-it install has no TRL: help still works and says why
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "--reward_model" in out
+    assert "pip install -c constraints-ci.txt -e '.[llm]'" in " ".join(out.split())
+    assert cli.main(["--config", "configs/tiny_llm_cpu.yaml"]) == 2
+    assert "adrpo-grpo needs TRL, the llm extra: pip install" in capsys.readouterr().err
+
+
+def test_cli_refuses_an_output_dir_that_holds_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "train_one", None)  # nothing may be trained
+    (tmp_path / "old-run.txt").write_text("a previous run")
+    assert cli.main(["--config", "configs/tiny_llm_cpu.yaml", "--output_dir", str(tmp_path)]) == 2
+    assert f"output_dir {tmp_path} already holds files" in capsys.readouterr().err
 
 
 def test_cli_offline_error_before_loading(capsys, monkeypatch):
     monkeypatch.setattr(cli, "train_one", None)  # nothing may be trained
     assert cli.main(["--config", "configs/qwen2_0.5b_rm_gemma.yaml", "--model_name_or_path", "nobody/no-such-model"]) == 2
-    assert "not a local directory nor in the hub cache, and HF_HUB_OFFLINE is set" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "'nobody/no-such-model' is not a local directory and not in the hub cache, and HF_HUB_OFFLINE is set" in err
+    assert "and pass the directory: --model_name_or_path /models/no-such-model" in err
     assert cli.main(["--config", "configs/tiny_llm_cpu.yaml", "--beta0", "0"]) == 2
     assert "beta0 must be > 0" in capsys.readouterr().err
 

@@ -131,3 +131,115 @@ def test_config_reports_a_bad_mapping_with_every_other_problem():
         config_from_args(["--config", "configs/tiny_shapes_cpu.yaml", "--reward", "7"])
     with pytest.raises(ConfigError, match="reward must be a scorer name or a mapping .* got \\['color'\\] \\(list\\)"):
         load_config("configs/tiny_shapes_cpu.yaml", {"reward": ["color"]})
+
+
+# ------------------------------------------------------------------------------------------------ a user's own reward
+CUSTOM = '''
+import torch
+
+from adrpo_diffusion.scorers import Scorer
+
+
+def brightness(images, prompts, target=0.5):
+    return -(images.mean(dim=(1, 2, 3)) - target).abs()
+
+
+def one_number(images, prompts):
+    return 1.0
+
+
+class Redness(Scorer):
+    def __init__(self, weight=1.0):
+        self.weight = weight
+
+    def _score_batch(self, images, prompts):
+        return self.weight * images[:, 0].mean(dim=(1, 2))
+
+
+not_a_function = 3
+'''
+
+
+@pytest.fixture
+def custom_module(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(CUSTOM)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path / "my_rewards.py"
+
+
+def test_a_custom_reward_by_file_or_module_scores_like_its_function(batch, custom_module):
+    images, prompts = batch
+    expected = -(images.mean(dim=(1, 2, 3)) - 0.7).abs()
+    for name in (f"{custom_module}:brightness", "my_rewards:brightness"):
+        assert torch.allclose(build_scorer(name, target=0.7).score(images, prompts), expected)
+    reward = build_reward({"color": 1.0, "my_rewards:brightness": 2.0}, {"my_rewards:brightness": {"target": 0.7}})
+    assert torch.allclose(reward.score(images, prompts), build_scorer("color").score(images, prompts) + 2 * expected)
+    redness = build_scorer("my_rewards:Redness", weight=2.0).score(images, prompts)  # a Scorer subclass
+    assert torch.allclose(redness, 2 * images[:, 0].mean(dim=(1, 2)))
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("my_rewards:brightness", {"targt": 1}, "Unknown option(s) ['targt'] for scorer 'my_rewards:brightness'; valid: "
+                                            "['target']"),
+    ("my_rewards:nothing", {}, "Custom reward 'my_rewards:nothing': my_rewards has no 'nothing'"),
+    ("my_rewards:not_a_function", {}, "is a int, not a function"),
+    ("no_such_module:f", {}, "cannot import 'no_such_module'"),
+    ("missing.py:f", {}, "no file missing.py"),
+    ("my_rewards", {}, "Unknown scorer 'my_rewards'"),
+])
+def test_a_bad_custom_reward_is_named_before_anything_loads(custom_module, name, options, message):
+    with pytest.raises(ValueError) as info:
+        check_reward(name, options)
+    assert message in str(info.value)
+
+
+def test_a_custom_reward_that_returns_the_wrong_shape_says_so(batch, custom_module):
+    with pytest.raises(ValueError, match=r"returned scores of shape \(\) for 8 images: it must return one number per"):
+        build_scorer("my_rewards:one_number").score(*batch)
+
+
+def test_a_custom_reward_trains_from_the_command_line(tmp_path, tiny_sd3_dir, custom_module):
+    import json
+
+    from adrpo_diffusion import cli
+
+    out = tmp_path / "run"
+    assert cli.train_main(["--config", "configs/tiny_cpu.yaml", "--reward", f"{custom_module}:brightness",
+                           "--reward_options", "{target: 0.7}", "--reward_scale", "1", "--output_dir", str(out),
+                           "--max_steps", "2", "--prompts_per_step", "2", "--images_per_prompt", "2",
+                           "--eval_prompts", "0", "--sample_every", "0", "--checkpointing_steps", "0"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(-0.7 <= row["reward_mean"] <= 0 for row in rows)
+
+
+def test_an_unreachable_reward_model_is_named_with_the_command_line_option_before_anything_loads(
+        tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    from adrpo_diffusion import cli, trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the reward model was found")
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(trainer, "load_family", refuse)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub, "file_exists", no_network)
+    argv = ["--config", "configs/tiny_cpu.yaml", "--output_dir", str(tmp_path / "run")]
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    assert cli.train_main([*argv, "--reward", "clip"]) == 2
+    err = capsys.readouterr().err
+    assert "Cannot reach 'openai/clip-vit-large-patch14' on the hub (ConnectionError: Name or service not known)" in err
+    assert ("`hf download openai/clip-vit-large-patch14 --local-dir /models/clip-vit-large-patch14`) and pass the "
+            "directory: --reward_options '{model: /models/clip-vit-large-patch14}'") in err
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert cli.train_main([*argv, "--reward", "{color: 1, pickscore: 1}"]) == 2
+    err = capsys.readouterr().err
+    assert "reward 'pickscore': 'yuvalkirstain/PickScore_v1' is not a local directory and not in the hub cache" in err
+    assert "--reward_options '{pickscore: {model: /models/PickScore_v1}}'" in err
+    assert "--reward_options '{pickscore: {processor: /models/CLIP-ViT-H-14-laion2B-s32B-b79K}}'" in err

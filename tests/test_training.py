@@ -130,6 +130,22 @@ def test_exported_lora_loads_in_a_fresh_diffusers_pipeline(tmp_path, tiny_sd3_di
     assert torch.allclose(loaded, trained, atol=1e-5)  # and loads at the trained strength (alpha / r = 2)
 
 
+def test_files_get_the_umask_permissions(tmp_path, tiny_sd3_dir):
+    """safetensors writes owner-only files; the run's LoRA, checkpoints and samples must be readable as the umask says
+    (a team sharing a filesystem with umask 002 gets group-writable files)."""
+    import os
+
+    old = os.umask(0o002)
+    try:
+        Trainer(small_config(tmp_path / "run", max_steps=2, sample_every=2)).train()
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in (tmp_path / "run").rglob("*")}
+    assert "run/pytorch_lora_weights.safetensors" in modes and "run/checkpoints/step-2/pytorch_lora_weights.safetensors" in modes
+    assert {path: mode for path, mode in modes.items()
+            if mode != (oct(0o775) if (tmp_path / path).is_dir() else oct(0o664))} == {}
+
+
 @pytest.mark.parametrize("method, options, metrics", [
     ("dpo", "{}", {"dpo_accuracy", "dpo_margin", "w2_divergence"}),
     ("nft", "{}", {"nft_r_mean", "old_divergence", "old_decay", "w2_divergence", "advantage_divisor_mean"}),

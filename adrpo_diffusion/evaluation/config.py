@@ -20,10 +20,11 @@ import yaml
 from ..builtin import is_builtin, resolve_asset
 from ..checkpoint import LORA_WEIGHTS_NAME
 from ..prompts import PromptFileError, is_heldout, load_prompts
-from ..scorers import available_scorers, check_scorer
+from ..scorers import available_scorers, check_scorer, check_scorer_sources
+from ..scorers.custom import is_custom
 from ..scorers.diversity import DEFAULT_OPTIONS as DIVERSITY_DEFAULTS
 from ..scorers.diversity import diversity_options
-from ..utils import load_yaml_mapping, unknown_keys_message
+from ..utils import command_line_value, load_yaml_mapping, unknown_keys_message
 
 # Table 1 of the paper, in its column order.
 TABLE1_METRICS = ["clipscore", "clipdiversity", "aesthetic", "blipscore", "imagereward", "pickscore"]
@@ -140,6 +141,7 @@ class PromptEntry:
 
 FIELDS = {f.name: f for f in dataclasses.fields(EvalConfig)}
 _TEXT_FIELDS = {n for n, t in typing.get_type_hints(EvalConfig).items() if t in (str, str | None)}
+_LIST_FIELDS = {n for n, t in typing.get_type_hints(EvalConfig).items() if t is list}
 
 
 def _check_type(where: str, value, kind) -> list[str]:
@@ -235,29 +237,36 @@ def validate(cfg: EvalConfig) -> list[str]:
     """Every check that needs no model weights; returns the list of problems."""
     problems = []
     valid_metrics = TABLE1_METRICS + [s for s in available_scorers() if s not in ("clip",)]
+
+    def known(metric):
+        return metric in valid_metrics or is_custom(metric)
+
     for metric in cfg.metrics:
-        if metric not in valid_metrics:
-            problems.append(f"Unknown metric {metric!r}; valid: {', '.join(valid_metrics)}")
+        if not known(metric):
+            problems.append(f"Unknown metric {metric!r}; valid: {', '.join(valid_metrics)}, or your own reward as "
+                            "module.path:function or path/to/file.py:function")
     if not cfg.metrics:
         problems.append(f"metrics is empty; e.g. {TABLE1_METRICS}")
     for metric, options in cfg.metric_options.items():  # options of metrics not in `metrics` are kept, unused
-        if metric not in valid_metrics:
+        if not known(metric):
             problems.append(f"metric_options has an unknown metric {metric!r}; valid: {', '.join(valid_metrics)}")
         elif not isinstance(options, dict):
             problems.append(f"metric_options.{metric} must be a mapping of scorer options, got {options!r}")
-        else:
+    for metric in dict.fromkeys([*cfg.metrics, *cfg.metric_options]):
+        options = cfg.metric_options.get(metric, {})
+        if known(metric) and isinstance(options, dict):
             try:
                 check_scorer(*metric_scorer(metric, options))
                 if metric == "clipdiversity":
                     clipdiversity_variant(options)
             except ValueError as err:
-                problems.append(f"metric_options.{metric}: {err}")
+                problems.append(f"metric_options.{metric}: {err}" if metric in cfg.metric_options else str(err))
     if cfg.reward_metric not in cfg.metrics:
         problems.append(f"reward_metric {cfg.reward_metric!r} is not in metrics {cfg.metrics}")
     for module, (package, metric, purpose) in OPTIONAL_MODULES.items():
         if metric in cfg.metrics and find_spec(module) is None:
-            problems.append(f"{purpose} needs {package}, which is not installed: pip install -e \".[eval]\" in the "
-                            f"repository (or pip install {package})")
+            problems.append(f"{purpose} needs {package}, which is not installed: pip install -c constraints-ci.txt -e "
+                            f"\".[eval]\" in the repository (or pip install {package})")
     for name in ("batch_size", "score_batch_size", "resolution", "images_per_prompt"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -278,6 +287,14 @@ def validate(cfg: EvalConfig) -> list[str]:
         problems.append(f"device is {cfg.device!r} but torch sees no CUDA GPU; use device: auto or cpu")
     if cfg.dtype not in ("auto", "float32", "float16", "bfloat16"):
         problems.append(f"dtype must be auto, float32, float16 or bfloat16, got {cfg.dtype!r}")
+    for metric in cfg.metrics:  # the scorers' models and files, before anything loads
+        options = cfg.metric_options.get(metric, {})
+        if known(metric) and isinstance(options, dict):
+            try:
+                check_scorer_sources(*metric_scorer(metric, options), lambda option, path, metric=metric:
+                                     f"metric_options: {{{metric}: {{{option}: {path}}}}}")
+            except (FileNotFoundError, ValueError) as err:
+                problems += [f"metric {metric}: {line}" for line in str(err).splitlines()]
     if cfg.images_dir is not None:
         if not Path(cfg.images_dir).is_dir():
             problems.append(f"images_dir {cfg.images_dir} is not a directory")
@@ -388,13 +405,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
         prog="adrpo-evaluate", allow_abbrev=False,
         description="Generate images with each model, score them with the Table 1 metrics, and write table1.md/.csv/"
         ".tex, results.json and reward_vs_diversity.png. Every config key can be given as --key value (values are "
-        "parsed as YAML, e.g. --seeds '[0, 1]'). Score a folder of images made elsewhere with --images_dir DIR.",
+        "parsed as YAML; a list is several values or one YAML list: --seeds 0 1, or --seeds '[0, 1]'). Score a folder "
+        "of images made elsewhere with --images_dir DIR.",
     )
     parser.add_argument("--config", help="YAML config file (see configs/eval_*.yaml).")
     for name, f in FIELDS.items():
-        # argparse reads help text as a %-format string
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="VALUE",
-                            help=f.metadata["help"].replace("%", "%%"))
+                            nargs="+" if name in _LIST_FIELDS else None,  # argparse reads help as a %-format string
+                            help=f"{f.metadata['help']} (default: {json.dumps(default)})".replace("%", "%%"))
     return parser
 
 
@@ -403,8 +422,7 @@ def eval_config_from_args(argv=None) -> EvalConfig:
     if unknown:
         flags = [a.lstrip("-").split("=")[0] for a in unknown if a.startswith("--")]
         raise EvalConfigError(unknown_keys_message(flags or unknown, FIELDS, "the command line"))
-    overrides = {}
-    for name, raw in vars(args).items():
-        if name != "config":
-            overrides[name] = raw if name in _TEXT_FIELDS else yaml.safe_load(raw)
+    overrides = {name: command_line_value(raw, lambda text, name=name: text if name in _TEXT_FIELDS else yaml.safe_load(text),
+                                          name in _LIST_FIELDS)
+                 for name, raw in vars(args).items() if name != "config"}
     return load_eval_config(args.config, overrides)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +88,8 @@ def score_images(cfg: EvalConfig, metric: str, records: list[ImageRecord], root:
                  failed: dict) -> dict:
     """Per-image scores ``{path: score}`` of a prompt-conditioned (or not) scorer metric."""
     name, options = metric_scorer(metric, cfg.metric_options.get(metric, {}))
-    cache = ScoreCache(Path(cfg.output_dir) / "scores" / f"{metric}.json", {"scorer": name, "options": options})
+    file_name = re.sub(r"[^\w.+-]", "_", metric)  # a custom reward's name holds ':' and maybe '/'
+    cache = ScoreCache(Path(cfg.output_dir) / "scores" / f"{file_name}.json", {"scorer": name, "options": options})
     key = {r.path: _cache_key(hashes[r.path], r.prompt) for r in records}
     todo = [r for r in records if key[r.path] not in cache.values and r.path not in failed]
     if todo:

@@ -12,19 +12,18 @@ guidance. Adding a family: one module here with a :class:`~.base.ModelFamily` su
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 
 from ..builtin import is_builtin, model_names, resolve_model
+from ..utils import check_source
 from .base import AdapterCopies, MergedLoRA, ModelFamily, PromptCache, adapters_off, add_lora
 from .flux import FluxFamily
 from .sana import SanaFamily
 from .sd3 import SD3Family
 
 FAMILIES: dict[str, type[ModelFamily]] = {cls.name: cls for cls in (SD3Family, FluxFamily, SanaFamily)}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 __all__ = ["FAMILIES", "AdapterCopies", "MergedLoRA", "ModelFamily", "PromptCache", "adapters_off", "add_lora",
            "check_model_source", "family_for", "load_family"]
@@ -44,37 +43,7 @@ def check_model_source(name_or_path: str, option: str = "--pretrained_model") ->
         if name_or_path not in model_names():
             raise ValueError(f"Unknown built-in model {name_or_path!r}; the built-in models are {', '.join(model_names())}.")
         return
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(
-                f"{path} is a directory but has no model_index.json: pass a diffusers pipeline directory "
-                "(the output of pipeline.save_pretrained or a downloaded hub snapshot)."
-            )
-        return
-    local = "/models/" + name_or_path.rstrip("/").split("/")[-1]
-    offline_hint = (
-        f"To use a local copy, pass its directory, e.g. {option} {local} (download it once, where there is "
-        f"network, with `huggingface-cli download {name_or_path} --local-dir {local}`)."
-    )
-    if not _HUB_ID.match(name_or_path):
-        raise FileNotFoundError(f"Model {name_or_path!r} is neither a local directory nor a hub id (owner/name). {offline_hint}")
-    from huggingface_hub import constants, file_exists, try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(name_or_path, "model_index.json"), str):
-        return  # in the local hub cache
-    if constants.HF_HUB_OFFLINE:
-        raise FileNotFoundError(
-            f"Model {name_or_path!r} is not a local directory and not in the hub cache, and HF_HUB_OFFLINE is set. {offline_hint}"
-        )
-    try:
-        found = file_exists(name_or_path, "model_index.json")
-    except Exception as err:  # network down, gated repo without a token, ...
-        raise FileNotFoundError(
-            f"Cannot reach {name_or_path!r} on the hub ({type(err).__name__}: {err}). {offline_hint}"
-        ) from err
-    if not found:
-        raise FileNotFoundError(f"{name_or_path!r} has no model_index.json on the hub: not a diffusers pipeline. {offline_hint}")
+    check_source(name_or_path, "model_index.json", lambda local: f"{option} {local}", file_ok=False)
 
 
 def family_for(path: str, pipeline: str = "auto") -> type[ModelFamily]:

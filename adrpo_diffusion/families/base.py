@@ -28,6 +28,7 @@ from typing import ClassVar
 import torch
 
 from ..losses import flow_matching_pair
+from ..utils import umask_permissions
 
 
 @contextlib.contextmanager
@@ -403,4 +404,6 @@ class ModelFamily:
             directory, transformer_lora_layers=get_peft_model_state_dict(transformer),
             transformer_lora_adapter_metadata=lora_metadata(lora_config),
         )
-        return Path(directory) / "pytorch_lora_weights.safetensors"
+        path = Path(directory) / "pytorch_lora_weights.safetensors"
+        umask_permissions(path)  # safetensors writes owner-only files
+        return path

@@ -47,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from ..utils import umask_permissions
+
 CHECK_NAMES = ("colour", "shape", "count", "position")
 NORMALISED = {"advantage_normalization": "group_std"}
 
@@ -365,6 +367,7 @@ def _save_images(images: torch.Tensor, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"images": (images.clamp(0, 1) * 255).round().to(torch.uint8).contiguous()}, str(path))
+    umask_permissions(path)
 
 
 def _load_images(path: Path) -> torch.Tensor:
@@ -659,7 +662,7 @@ def main(argv=None) -> int:
     try:
         import matplotlib  # noqa: F401  (the plots come last: fail now, not after the runs)
     except ImportError:
-        parser.error("the lab's plots need matplotlib: pip install -e '.[lab]'")
+        parser.error("the lab's plots need matplotlib: pip install -c constraints-ci.txt -e '.[lab]'")
     settings = quick_settings(args.output_dir) if args.quick else LabSettings(output_dir=args.output_dir)
     for name in ("seeds", "steps", "eval_every", "sampler_steps", "methods", "strengths", "learning_rates", "runs"):
         if getattr(args, name) is not None:

@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import difflib
 import json
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,8 +21,9 @@ from pathlib import Path
 
 import yaml
 
+from ..utils import check_source
+
 BUILTIN = "builtin:"
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass
@@ -50,15 +50,35 @@ class RunArguments:
         "help": "Sampling seeds of the held-out completions; before and after are paired per (prompt, seed)."})
     torch_num_threads: int = field(default=0, metadata={
         "help": "torch.set_num_threads on CPU (0: torch's default). 1 is much faster for tiny models on busy cores."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Train into an output_dir that already holds files (they are overwritten); otherwise it is refused."})
 
 
-def _parser():
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, the description's lines kept."""
+
+
+LLM_EXTRA = "pip install -c constraints-ci.txt -e '.[llm]'"
+
+
+def _parser(with_trainer_keys: bool = True):
+    """The parser of the run keys and (with TRL installed) of ADRPOGRPOConfig's keys. The description lists the three
+    ADRPO keys first: in the key list they come after TRL's ~200."""
     from transformers import HfArgumentParser
 
-    from .config import ADRPOGRPOConfig
+    description = __doc__.split("\n\n")[0] + "\n\nADRPO's keys (the paper's Eq. 7; the other trainer keys are TRL's):"
+    if with_trainer_keys:
+        from .config import ADRPO_KEYS, ADRPOGRPOConfig
 
-    parser = HfArgumentParser([RunArguments, ADRPOGRPOConfig], prog="adrpo-grpo", allow_abbrev=False,
-                              description=__doc__.split("\n\n")[0])
+        fields = {f.name: f for f in dataclasses.fields(ADRPOGRPOConfig)}
+        description += "".join(f"\n  --{name} (default {fields[name].default}): {fields[name].metadata['help']}"
+                               for name in ADRPO_KEYS)
+        dataclass_types = [RunArguments, ADRPOGRPOConfig]
+    else:
+        description += f"\n  they, and TRL's, need the llm extra: {LLM_EXTRA}"
+        dataclass_types = [RunArguments]
+    parser = HfArgumentParser(dataclass_types, prog="adrpo-grpo", allow_abbrev=False, description=description,
+                              usage="adrpo-grpo [--config FILE] [--key value ...]", formatter_class=_HelpFormatter)
     parser.add_argument("--config", help="YAML file of keys (see configs/); --key value overrides it.")
     return parser
 
@@ -78,6 +98,13 @@ def _unknown(keys, valid, source) -> ConfigError:
 def parse_args(argv=None) -> tuple[RunArguments, dict]:
     """The run keys, and the trainer keys as keyword arguments (defaults filled in) for ADRPOGRPOConfig."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        if "-h" in argv or "--help" in argv:
+            _parser(with_trainer_keys=False).print_help()
+            raise SystemExit(0) from None
+        raise ConfigError(f"adrpo-grpo needs TRL, the llm extra: {LLM_EXTRA}") from None
     parser = _parser()
     run_names = [f.name for f in dataclasses.fields(RunArguments)]
     valid = run_names + [n for n in (a.dest for a in parser._actions) if n not in run_names + ["help", "config"]]
@@ -113,14 +140,14 @@ def trainer_args(method: str, trainer_kwargs: dict, output_dir: Path):
     """The method's trainer class and its validated config; GRPO gets TRL's GRPOConfig with beta = beta0."""
     from trl import GRPOConfig, GRPOTrainer
 
-    from .config import ADRPOGRPOConfig
+    from .config import ADRPO_KEYS, ADRPOGRPOConfig
     from .trainer import ADRPOGRPOTrainer
 
     kwargs = {**trainer_kwargs, "output_dir": str(output_dir / method)}
     adrpo_args = ADRPOGRPOConfig(**kwargs)
     if method == "adrpo":
         return ADRPOGRPOTrainer, adrpo_args
-    grpo_kwargs = {k: v for k, v in kwargs.items() if k not in ("beta0", "advantage_min", "advantage_max")}
+    grpo_kwargs = {k: v for k, v in kwargs.items() if k not in ADRPO_KEYS}
     return GRPOTrainer, GRPOConfig(**{**grpo_kwargs, "beta": adrpo_args.beta0})
 
 
@@ -130,19 +157,10 @@ def check_model_source(name: str, key: str, builtins: tuple) -> None:
         if name not in builtins:
             raise ConfigError(f"Unknown built-in {key} {name!r}; built-ins: {', '.join(builtins)}")
         return
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{path} has no config.json: pass a transformers model directory (save_pretrained output)")
-        return
-    hint = (f"Download it where there is network (huggingface-cli download {name} --local-dir /models/{name.split('/')[-1]}) "
-            f"and pass --{key} /models/{name.split('/')[-1]}.")
-    if not _HUB_ID.match(name):
-        raise ConfigError(f"{key} {name!r} is neither a local directory nor a hub id (owner/name). {hint}")
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if not isinstance(try_to_load_from_cache(name, "config.json"), str) and constants.HF_HUB_OFFLINE:
-        raise ConfigError(f"{key} {name!r} is not a local directory nor in the hub cache, and HF_HUB_OFFLINE is set. {hint}")
+    try:
+        check_source(name, "config.json", lambda local: f"--{key} {local}", file_ok=False)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{key}: {err}") from None
 
 
 def load_prompts(run: RunArguments):
@@ -161,7 +179,7 @@ def load_prompts(run: RunArguments):
         except Exception as err:  # offline and not cached, no such split, ...
             raise ConfigError(f"Cannot load the prompts {run.dataset_name!r} (split {run.dataset_split!r}): "
                               f"{type(err).__name__}: {err}. Offline, pass a local copy as --dataset_name (download "
-                              f"it where there is network: huggingface-cli download {run.dataset_name} --repo-type "
+                              f"it where there is network: hf download {run.dataset_name} --repo-type "
                               "dataset --local-dir DIR).") from err
         if run.prompt_column not in dataset.column_names:
             raise ConfigError(f"{run.dataset_name} has no column {run.prompt_column!r}; columns: {dataset.column_names}")
@@ -266,6 +284,9 @@ def main(argv=None) -> int:
     try:
         run, trainer_kwargs = parse_args(argv)
         output_dir = Path(trainer_kwargs.get("output_dir") or "trainer_output")
+        if output_dir.is_dir() and any(output_dir.iterdir()) and not run.overwrite_output_dir:
+            raise ConfigError(f"output_dir {output_dir} already holds files (another run?): choose another directory, "
+                              "or pass --overwrite_output_dir true to train over them.")
         methods = ["adrpo", "grpo"] if run.compare_with_grpo else [run.method]
         from .tiny import FIRST_LETTER, TINY_LM, tiny_lm_path
 

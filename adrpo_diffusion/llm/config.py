@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+ADRPO_KEYS = ("beta0", "advantage_min", "advantage_max")  # what ADRPOGRPOConfig adds to TRL's GRPOConfig
+
 
 @dataclass
 class ADRPOGRPOConfig(GRPOConfig):

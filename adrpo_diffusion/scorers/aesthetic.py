@@ -38,7 +38,9 @@ class AestheticScorer(Scorer):
     predictor's ``.pth``; default: ``sac+logos+ava1-l14-linearMSE.pth`` from the hub repo
     ``camenduru/improved-aesthetic-predictor``. ``dtype`` is CLIP's; the MLP runs in float32 as released."""
 
-    def __init__(self, clip_model: str = DEFAULT_CLIP, checkpoint: str | None = None, device: str | None = None,
+    files = {"checkpoint": CHECKPOINT_FILE, "clip_model": "config.json"}
+
+    def __init__(self, clip_model: str = DEFAULT_CLIP, checkpoint: str = CHECKPOINT_REPO, device: str | None = None,
                  dtype: str = "float32", batch_size: int = 32):
         from transformers import CLIPImageProcessor, CLIPModel
 
@@ -46,7 +48,7 @@ class AestheticScorer(Scorer):
         self.dtype = getattr(torch, dtype)
         self.batch_size = batch_size
         # The small head first, so that a missing file fails before CLIP loads.
-        path = resolve_file(checkpoint or CHECKPOINT_REPO, CHECKPOINT_FILE, "checkpoint")
+        path = resolve_file(checkpoint, CHECKPOINT_FILE, "checkpoint")
         self.mlp = aesthetic_mlp(torch.load(path, map_location="cpu", weights_only=True))
         self.mlp.to(self.device).eval().requires_grad_(False)
         self.processor = from_pretrained(CLIPImageProcessor, clip_model, "clip_model")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -26,6 +28,15 @@ class Scorer:
     """Base class: subclasses implement ``_score_batch(images, prompts)`` on a tensor batch."""
 
     batch_size: int = 32
+    # option naming a model or a file -> the file it must provide (checked before anything loads: sources())
+    files: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def sources(cls, options: dict) -> dict[str, tuple[str, str]]:
+        """``{option: (the model or file it names, the file needed)}`` of what ``cls(**options)`` would load, with
+        the defaults of ``__init__`` where ``options`` gives none."""
+        defaults = {name: p.default for name, p in inspect.signature(cls).parameters.items()}
+        return {option: (options.get(option, defaults[option]), filename) for option, filename in cls.files.items()}
 
     @classmethod
     def check_prompts(cls, prompts: Sequence[str]) -> None:

@@ -150,10 +150,9 @@ class _BlipScorer(Scorer):
     the released ViT-L/16); ``device``, ``dtype``, ``batch_size``. A file that is neither local nor fetchable
     raises ``FileNotFoundError`` before anything loads.
 
-    Subclasses describe their checkpoint: its file name in a hub repo, the key prefix of the BLIP model, the
+    Subclasses describe their checkpoint: its file name in a hub repo (``files``), the key prefix of the BLIP model, the
     renaming rules and ignored keys, and ``_state_and_heads`` (the BLIP state dict and the extra modules)."""
 
-    checkpoint_file: str
     prefix: str
     rules: tuple[tuple[str, str], ...]
     ignored: tuple[str, ...]
@@ -164,7 +163,7 @@ class _BlipScorer(Scorer):
         from transformers import CLIPImageProcessorPil
 
         # Find every file before loading anything heavy.
-        checkpoint_path = resolve_file(checkpoint, self.checkpoint_file, "checkpoint")
+        checkpoint_path = resolve_file(checkpoint, self.files["checkpoint"], "checkpoint")
         med_config_path = resolve_file(med_config, "med_config.json", "med_config")
         self.tokenizer = blip_tokenizer(resolve_file(tokenizer, "vocab.txt", "tokenizer"))
 
@@ -217,7 +216,7 @@ class ImageRewardScorer(_BlipScorer):
     ``checkpoint``: ``ImageReward.pt`` in its original layout (``blip.visual_encoder.*``, ``blip.text_encoder.*``,
     ``mlp.layers.*``), a directory or hub repo id holding it. """
 
-    checkpoint_file = "ImageReward.pt"
+    files = {"checkpoint": "ImageReward.pt", "med_config": "med_config.json", "tokenizer": "vocab.txt"}
     prefix = "blip."
     rules = (*_vision_rules("blip.visual_encoder."), _text_rule("blip.text_encoder."),
              (r"mlp\.layers\.(\d+)\.(weight|bias)", r"mlp.\1.\2"))
@@ -256,7 +255,7 @@ class BlipScorer(_BlipScorer):
     ``checkpoint``: BLIP's pretrained ``model_large.pth`` (``{"model": state_dict}``; its momentum encoders,
     queues, ITM head and decoder are ignored), a URL, or a directory or hub repo id holding it. """
 
-    checkpoint_file = "model_large.pth"
+    files = {"checkpoint": "model_large.pth", "med_config": "med_config.json", "tokenizer": "vocab.txt"}
     prefix = ""
     rules = (*_vision_rules("visual_encoder."), _text_rule("text_encoder."),
              (r"(vision_proj|text_proj)\.(weight|bias)", r"\1.\2"))

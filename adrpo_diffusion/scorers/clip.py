@@ -19,6 +19,8 @@ DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 class ClipScorer(Scorer):
     """``model``: a hub id or a local directory holding a CLIPModel and its CLIPProcessor."""
 
+    files = {"model": "config.json"}
+
     def __init__(self, model: str = DEFAULT_CLIP, device: str | None = None, dtype: str = "float32",
                  batch_size: int = 32, scale: float = 100.0, clamp_negative: bool = False):
         from transformers import CLIPModel, CLIPProcessor

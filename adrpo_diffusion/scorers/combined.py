@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 
 from ..utils import did_you_mean
-from . import available_scorers, build_scorer, check_scorer
+from . import available_scorers, build_scorer, check_scorer, check_scorer_sources, is_custom
 from .base import to_image_tensor
 
 EXAMPLE = "{pickscore: 1.0, clip: 0.5}"
@@ -42,8 +42,9 @@ def reward_parts(reward, reward_options) -> dict[str, tuple[float, dict]]:
     problems = []
     valid = available_scorers()
     for name, weight in reward.items():
-        if name not in valid:
-            problems.append(f"Unknown scorer {name!r}{did_you_mean(name, valid)}; available: {', '.join(valid)}")
+        if name not in valid and not is_custom(name):
+            problems.append(f"Unknown scorer {name!r}{did_you_mean(name, valid)}; available: {', '.join(valid)}, or "
+                            "your own as module.path:function or path/to/file.py:function")
         if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
             problems.append(f"weight of reward {name!r} must be a finite number, got {weight!r}")
         elif weight == 0:
@@ -74,6 +75,25 @@ def check_reward(reward, reward_options, prompts=None) -> dict[str, tuple[float,
     if problems:
         raise ValueError("\n".join(problems))
     return parts
+
+
+def check_reward_sources(reward, reward_options) -> None:
+    """Every model and file the reward's scorers would load can be had (:func:`.check_scorer_sources`), asked before
+    any loads; one ``FileNotFoundError`` lists what cannot, each with the ``adrpo-train`` option that passes a local
+    copy. Call after :func:`check_reward`."""
+    single = isinstance(reward, str)
+    problems = []
+    for name, (_, options) in reward_parts(reward, reward_options).items():
+        def local_option(option, path, name=name):
+            inner = f"{{{option}: {path}}}"
+            return f"--reward_options '{inner if single else f'{{{name}: {inner}}}'}'"
+
+        try:
+            check_scorer_sources(name, options, local_option)
+        except FileNotFoundError as err:
+            problems += [f"reward {name!r}: {line}" for line in str(err).splitlines()]
+    if problems:
+        raise FileNotFoundError("\n".join(problems))
 
 
 class WeightedReward:

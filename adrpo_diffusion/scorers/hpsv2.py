@@ -27,7 +27,9 @@ class HPSv2Scorer(Scorer):
     ``HPS_v2.1_compressed.pt`` from the hub repo ``xswu/HPSv2``. ``architecture``: an open_clip model config name.
     Weights stay float32; another ``dtype`` runs the model under autocast, as HPSv2 itself does on a GPU."""
 
-    def __init__(self, checkpoint: str | None = None, architecture: str = "ViT-H-14", device: str | None = None,
+    files = {"checkpoint": CHECKPOINT_FILE}
+
+    def __init__(self, checkpoint: str = CHECKPOINT_REPO, architecture: str = "ViT-H-14", device: str | None = None,
                  dtype: str = "float32", batch_size: int = 32, scale: float = 1.0):
         import open_clip
         from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
@@ -35,7 +37,7 @@ class HPSv2Scorer(Scorer):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = getattr(torch, dtype)
         self.batch_size, self.scale = batch_size, scale
-        path = resolve_file(checkpoint or CHECKPOINT_REPO, CHECKPOINT_FILE, "checkpoint")
+        path = resolve_file(checkpoint, CHECKPOINT_FILE, "checkpoint")
         # open_clip's loader unwraps {"state_dict": ...} and a DistributedDataParallel "module." prefix, and
         # loads strictly.
         self.model = open_clip.create_model(architecture, pretrained=path)
