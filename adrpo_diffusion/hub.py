@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from .builtin import PREFIX as BUILTIN_PREFIX
 from .checkpoint import LORA_WEIGHTS_NAME
 from .evaluation.generate import write_atomic
 from .methods import build_method
@@ -28,6 +29,8 @@ from .methods import build_method
 SAMPLES = Path("samples") / "final.png"
 # The files of a run that are uploaded, beside the generated README.md (the LoRA is required, the rest optional).
 UPLOADED = [LORA_WEIGHTS_NAME, "config.json", "summary.json", str(SAMPLES)]
+# Keys of config.json that describe the machine the run was on, not the model: left out of the upload.
+RUN_ONLY = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")
 # Card licenses of known base models (hub id prefix -> front-matter fields); others get `other` and a pointer.
 LICENSES = {
     "stabilityai/stable-diffusion-3": {"license": "other", "license_name": "stabilityai-ai-community",
@@ -103,22 +106,42 @@ def model_card(config: dict, summary: dict | None, repo_id: str, has_samples: bo
         f"**Held-out reward** (`{reward}`): {_heldout_line(summary)}", "",
     ]
     if has_samples:
-        lines += ["## Samples", "", f"Held-out prompts and seeds after training: ![samples]({SAMPLES.as_posix()})", ""]
-    pipeline = "StableDiffusion3Pipeline" if base.startswith("stabilityai/stable-diffusion-3") else "DiffusionPipeline"
+        which = f" ({summary['heldout_prompts']})" if summary and "heldout_prompts" in summary else ""
+        lines += ["## Samples", "", f"After training, one row per prompt, one column per seed{which}: "
+                  f"![samples]({SAMPLES.as_posix()})", ""]
+    lines += ["## Use", "", "```python", *usage_snippet(config, repo_id), "```", ""]
     lines += [
-        "## Use", "", "```python", "import torch", f"from diffusers import {pipeline}", "",
-        f'pipe = {pipeline}.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")',
-        f'pipe.load_lora_weights("{repo_id}")',
-        f'image = pipe("A green pear and a black umbrella", num_inference_steps={config["num_inference_steps"]}, '
-        f'guidance_scale={config["guidance_scale"]:g},',
-        f'             height={config["resolution"]}, width={config["resolution"]}).images[0]  # as in training',
-        "```", "",
         "`config.json` holds every training setting and `summary.json` the held-out numbers. License: "
         + (f"that of the base model, `{license_fields['license_name']}`." if "license_name" in license_fields
            else f"that of the base model ({base})."),
         "",
     ]
     return "\n".join(lines)
+
+
+def usage_snippet(config: dict, repo_id: str) -> list[str]:
+    """Python lines that load the base pipeline and the LoRA and draw one image as in training: a hub id or a local
+    directory as is; a ``builtin:`` model through :func:`adrpo_diffusion.builtin.resolve_model` (on the CPU, float32);
+    SD3 trained without T5 (``drop_t5``, the tiny SD3 models) with ``text_encoder_3=None, tokenizer_3=None``."""
+    base = config["pretrained_model"]
+    builtin = base.startswith(BUILTIN_PREFIX)
+    sd3 = base.startswith("stabilityai/stable-diffusion-3") or base.startswith(BUILTIN_PREFIX + "tiny-sd3")
+    pipeline = "StableDiffusion3Pipeline" if sd3 else "DiffusionPipeline"
+    arguments = ["resolve_model(BASE)" if builtin else "BASE"]
+    if sd3 and (config.get("drop_t5") or builtin):
+        arguments.append("text_encoder_3=None, tokenizer_3=None")  # trained without T5
+    arguments.append("dtype=torch.float32" if builtin else "dtype=torch.bfloat16")
+    return [
+        "import torch", f"from diffusers import {pipeline}",
+        *(["from adrpo_diffusion.builtin import resolve_model  # the toolkit's built-in test model"] if builtin else []),
+        "", f'BASE = "{base}"',
+        f"pipe = {pipeline}.from_pretrained({', '.join(arguments)}).to(\"{'cpu' if builtin else 'cuda'}\")",
+        f'pipe.load_lora_weights("{repo_id}")',
+        f"image = pipe(\"A green pear and a black umbrella\", num_inference_steps={config['num_inference_steps']}, "
+        f"guidance_scale={config['guidance_scale']:g}, height={config['resolution']},",
+        f"             width={config['resolution']}, max_sequence_length={config['max_sequence_length']}).images[0]"
+        "  # as in training",
+    ]
 
 
 def write_upload_folder(run_dir: str | Path, repo_id: str) -> Path:
@@ -132,6 +155,8 @@ def write_upload_folder(run_dir: str | Path, repo_id: str) -> Path:
         if (run_dir / name).is_file():
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(run_dir / name, folder / name)  # new files under the umask (copy2 keeps old modes)
+    uploaded_config = {key: value for key, value in config.items() if key not in RUN_ONLY}
+    write_atomic(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(uploaded_config, indent=2)))
     card = model_card(config, summary, repo_id, has_samples=(folder / SAMPLES).is_file())
     write_atomic(folder / "README.md", lambda tmp: tmp.write_text(card, encoding="utf-8"))
     return folder

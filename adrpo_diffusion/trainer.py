@@ -299,7 +299,8 @@ class Trainer:
         (self.output_dir / "samples").mkdir(parents=True, exist_ok=True)
         prompts = [self.prompts[i] for i in self.eval_indices]
         by_prompt = images.unflatten(0, (-1, len(prompts))).transpose(0, 1).flatten(0, 1)  # one row per prompt
-        grid = image_grid(by_prompt, cols=len(images) // len(prompts), labels=prompts)
+        grid = image_grid(by_prompt, cols=len(images) // len(prompts), labels=prompts,
+                          column_labels=[f"seed {seed}" for seed in self.cfg.eval_seeds])
         grid.save(self.output_dir / "samples" / f"{name}.png")
 
     # ------------------------------------------------------------------ one iteration

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # owner/name, or a legacy name such as bert-base-uncased
 
 
 def check_source(spec: str, filename: str, local_option: Callable[[str], str], file_ok: bool = True) -> None:
@@ -181,26 +181,37 @@ def mean_and_se(values) -> tuple[float, float | None]:
     return mean, math.sqrt(variance / len(values))
 
 
-def image_grid(images, cols: int, labels: list[str] | None = None):
-    """A PIL grid of images ``(N, 3, H, W)`` in ``[0, 1]``, ``cols`` per row, the last row padded with black.
-    ``labels``: one text per row (e.g. its prompt), written in PIL's default font in a white band on the left."""
+def image_grid(images, cols: int, labels: list[str] | None = None, column_labels: list[str] | None = None,
+               min_cell: int = 96):
+    """A PIL grid of images ``(N, 3, H, W)`` in ``[0, 1]``, ``cols`` per row, the last row padded with black. Each
+    image is enlarged by a whole factor (nearest neighbour, pixels stay sharp) to at least ``min_cell`` pixels.
+    ``labels``: one text per row (e.g. its prompt), in PIL's default font in a white band on the left;
+    ``column_labels``: one per column (e.g. its seed), in a white band on top."""
     from diffusers.utils import make_image_grid
     from PIL import Image, ImageDraw, ImageFont
 
+    scale = max(1, math.ceil(min_cell / max(images.shape[-2:])))
     pil = [Image.fromarray((img.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()) for img in images]
+    pil = [image.resize((image.width * scale, image.height * scale), Image.NEAREST) for image in pil]
     cols = min(len(pil), cols)
     rows = math.ceil(len(pil) / cols)
     pil += [Image.new("RGB", pil[0].size)] * (rows * cols - len(pil))
     grid = make_image_grid(pil, rows=rows, cols=cols)
-    if not labels:
-        return grid
     font = ImageFont.load_default()
-    texts = [label if len(label) <= 60 else label[:57] + "..." for label in labels]
-    boxes = [ImageDraw.Draw(grid).textbbox((0, 0), text, font=font) for text in texts]
-    band = max(box[2] for box in boxes) + 8
-    labelled = Image.new("RGB", (grid.width + band, grid.height), "white")
-    labelled.paste(grid, (band, 0))
-    draw, height = ImageDraw.Draw(labelled), pil[0].height
+
+    def fitted(texts):
+        texts = [text if len(text) <= 60 else text[:57] + "..." for text in texts]
+        return texts, [ImageDraw.Draw(grid).textbbox((0, 0), text, font=font) for text in texts]
+
+    texts, boxes = fitted(labels or [])
+    left = max(box[2] for box in boxes) + 8 if labels else 0
+    headers, header_boxes = fitted(column_labels or [])
+    top = max(box[3] for box in header_boxes) + 8 if column_labels else 0
+    labelled = Image.new("RGB", (grid.width + left, grid.height + top), "white")
+    labelled.paste(grid, (left, top))
+    draw, (width, height) = ImageDraw.Draw(labelled), pil[0].size
     for row, (text, box) in enumerate(zip(texts, boxes)):
-        draw.text((4, row * height + (height - box[3] - box[1]) / 2), text, fill="black", font=font)
+        draw.text((4, top + row * height + (height - box[3] - box[1]) / 2), text, fill="black", font=font)
+    for col, (text, box) in enumerate(zip(headers, header_boxes)):
+        draw.text((left + col * width + (width - box[2]) / 2, 4), text, fill="black", font=font)
     return labelled

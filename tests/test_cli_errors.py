@@ -188,7 +188,7 @@ def test_resume_with_a_changed_config_names_the_keys(tmp_path, capsys):
     base = ["--config", "configs/tiny_cpu.yaml", "--output_dir", str(out)]
     fake_checkpoint(out / "checkpoints" / "step-2", config_from_args([*base, "--lora_rank", "8"]))
     (out / "config.json").write_text("{}")
-    code, err = run_cli([*base, "--lora_rank", "4", "--method", "raft", "--max_steps", "99",
+    code, err = run_cli([*base, "--lora_rank", "4", "--method", "raft", "--method_options", "{}", "--max_steps", "99",
                          "--resume_from_checkpoint", "latest"], capsys)
     assert code == 2 and f"Cannot resume from {out / 'checkpoints' / 'step-2'}" in err
     assert "lora_rank: 8 in the checkpoint, 4 now" in err and "method: 'adrpo' in the checkpoint, 'raft' now" in err

@@ -57,6 +57,23 @@ def test_push_uploads_the_lora_the_card_and_the_samples(run_dir, hub_calls, caps
     assert f"before {summary['heldout_reward_before']:.4f} -> after {summary['heldout_reward_after']:.4f}" in readme
     assert f"± {summary['heldout_improvement_se']:.4f}" in readme and "![samples](samples/final.png)" in readme
     assert '"beta0": 1.0' in readme and 'pipe.load_lora_weights("me/tiny-adrpo")' in readme
+    assert f"one column per seed ({summary['heldout_prompts']})" in readme  # what the grid shows, from summary.json
+    uploaded = json.loads((run_dir / "hub" / "config.json").read_text())
+    assert "resume_from_checkpoint" not in uploaded and "output_dir" not in uploaded and uploaded["lora_rank"] == 8
+
+
+def test_the_cards_snippet_runs_and_loads_the_lora(run_dir, hub_calls):
+    """The card's Python, as a user copies it, with the hub id pointing at the upload folder (diffusers loads a LoRA
+    from a local folder like from a hub repository)."""
+    main([str(run_dir), "--repo_id", "me/tiny-adrpo", "--dry_run"])
+    readme = (run_dir / "hub" / "README.md").read_text()
+    snippet = readme.split("```python\n")[1].split("```")[0].replace('"me/tiny-adrpo"', repr(str(run_dir / "hub")))
+    assert "torch_dtype" not in snippet
+    scope = {}
+    exec(snippet, scope)
+    image, pipe = scope["image"], scope["pipe"]
+    assert image.size == (32, 32)
+    assert any("lora" in name for name, _ in pipe.transformer.named_parameters())
 
 
 def test_dry_run_writes_the_folder_and_uploads_nothing(run_dir, tmp_path, hub_calls, monkeypatch, capsys):

@@ -240,3 +240,23 @@ def test_missing_hub_files_offline_fail_before_loading_models(monkeypatch, tmp_p
         build_scorer("aesthetic", clip_model=str(tmp_path / "no_clip"), device="cpu")
     with pytest.raises(FileNotFoundError, match=r"HPS_v2\.1_compressed\.pt.*xswu/HPSv2.*checkpoint="):
         build_scorer("hpsv2", architecture="no-such-architecture", device="cpu")
+
+
+def test_evaluation_names_every_unreachable_scorer_model_before_anything_loads(monkeypatch, tmp_path, capsys):
+    import huggingface_hub.constants
+
+    from adrpo_diffusion.evaluation import cli
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(cli, "collect_images", None)  # nothing may be read or loaded
+    argv = ["--config", "configs/eval_tiny_cpu.yaml", "--images_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+            "--metrics", "clipscore", "pickscore", "--reward_metric", "clipscore",
+            "--metric_options", "{pickscore: {processor: builtin:tiny-scorers/pickscore}}"]
+    assert cli.evaluate_main(argv) == 2
+    err = capsys.readouterr().err
+    assert ("metric clipscore: 'openai/clip-vit-large-patch14' is not a local directory and not in the hub cache, and "
+            "HF_HUB_OFFLINE is set") in err
+    assert "pass the directory: metric_options: {clipscore: {model: /models/clip-vit-large-patch14}}" in err
+    assert "metric pickscore: 'yuvalkirstain/PickScore_v1'" in err and "{pickscore: {model: /models/PickScore_v1}}" in err
+    assert "processor" not in err  # the built-in asset is fine

@@ -20,6 +20,8 @@ SMALL = dict(prompts_per_step=2, images_per_prompt=4, timesteps_per_sample=1, ev
 
 
 def small_config(output_dir, **overrides):
+    if "method" in overrides:  # the config's method_options are adrpo's
+        overrides.setdefault("method_options", {})
     return load_config("configs/tiny_cpu.yaml", {**SMALL, "output_dir": str(output_dir), **overrides})
 
 
@@ -32,13 +34,20 @@ def test_tiny_default_improves_the_heldout_reward(tmp_path, tiny_sd3_dir):
     cfg = load_config("configs/tiny_cpu.yaml", {"output_dir": str(tmp_path / "run")})
     summary = Trainer(cfg).train()
     gain, se = summary["heldout_improvement"], summary["heldout_improvement_se"]
-    assert gain > 5 * se > 0, summary  # paired over the same held-out (prompt, seed) pairs (issue: >= 5 SE)
+    assert gain > 5 * se > 0, summary  # paired over the same held-out (prompt, seed) pairs
+    # and large: +7.5 to +11.7 (11-17 SE) measured with six CPU kernel sets and thread counts (README); the paper's
+    # frozen anchor gave +0.03 to +1.06 on the same six, a default this test would have caught
+    assert gain > 5.0, summary
     assert summary["heldout_reward_after"] > summary["heldout_reward_before"]
 
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(1, cfg.max_steps + 1))
     assert all(REQUIRED_METRICS <= set(m) for m in lines)
-    assert (tmp_path / "run" / "samples" / "final.png").is_file() and (tmp_path / "run" / "samples" / "base.png").is_file()
+    assert (tmp_path / "run" / "samples" / "base.png").is_file()
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "run" / "samples" / "final.png")  # 32 px images enlarged 3x, a label band each way
+    assert grid.width > len(cfg.eval_seeds) * 96 and grid.height > cfg.eval_prompts * 96
     assert [p.name for p in sorted((tmp_path / "run" / "checkpoints").iterdir())] == ["step-40", "step-60"]  # keep 2
 
 
@@ -245,7 +254,8 @@ def _torchrun(output_dir, *args):
     repo = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "scripts/train_sd3.py",
            "--config", "configs/tiny_cpu.yaml", "--output_dir", str(output_dir), "--eval_prompts", "2",
-           "--eval_seeds", "[1000]", "--sample_every", "0", "--checkpointing_steps", "2", *args]
+           "--eval_seeds", "[1000]", "--sample_every", "0", "--checkpointing_steps", "2",
+           *(["--method_options", "{}"] if "--method" in args else []), *args]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}  # this checkout
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=repo, env=env)
 

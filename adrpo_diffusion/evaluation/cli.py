@@ -17,7 +17,14 @@ from pathlib import Path
 
 from ..scorers.diversity import describe
 from .aggregate import aggregate
-from .config import EvalConfig, EvalConfigError, clipdiversity_variant, eval_config_from_args, load_prompt_set
+from .config import (
+    EvalConfig,
+    EvalConfigError,
+    check_metric_sources,
+    clipdiversity_variant,
+    eval_config_from_args,
+    load_prompt_set,
+)
 from .folder import collect_images
 from .generate import LoraMismatchError, generate_images, warnings_once
 from .score import score_all
@@ -26,6 +33,7 @@ from .tables import label, plot_reward_vs_diversity, render_csv, render_latex, r
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Run the whole evaluation for a validated config and write its outputs; returns the results."""
+    check_metric_sources(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for orphan in out.rglob(".tmp-*"):  # write_atomic's temporaries, left behind by an interrupted run

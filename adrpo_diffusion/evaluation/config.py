@@ -233,6 +233,21 @@ def clipdiversity_variant(options: dict) -> dict:
     return diversity_options(**{k: v for k, v in options.items() if k in DIVERSITY_DEFAULTS})
 
 
+def check_metric_sources(cfg: EvalConfig) -> None:
+    """Every model and file the metrics' scorers would load can be had (on disk, in the hub cache or, online, on the
+    hub): asked when the evaluation starts, before anything loads; one :class:`EvalConfigError` names what cannot,
+    each with the ``metric_options`` entry that passes a local copy. ``builtin:`` assets are built when used."""
+    problems = []
+    for metric in cfg.metrics:
+        try:
+            check_scorer_sources(*metric_scorer(metric, cfg.metric_options.get(metric, {})), lambda option, path,
+                                 metric=metric: f"metric_options: {{{metric}: {{{option}: {path}}}}}")
+        except FileNotFoundError as err:
+            problems += [f"metric {metric}: {line}" for line in str(err).splitlines()]
+    if problems:
+        raise EvalConfigError("Cannot evaluate:\n  " + "\n  ".join(problems))
+
+
 def validate(cfg: EvalConfig) -> list[str]:
     """Every check that needs no model weights; returns the list of problems."""
     problems = []
@@ -287,14 +302,6 @@ def validate(cfg: EvalConfig) -> list[str]:
         problems.append(f"device is {cfg.device!r} but torch sees no CUDA GPU; use device: auto or cpu")
     if cfg.dtype not in ("auto", "float32", "float16", "bfloat16"):
         problems.append(f"dtype must be auto, float32, float16 or bfloat16, got {cfg.dtype!r}")
-    for metric in cfg.metrics:  # the scorers' models and files, before anything loads
-        options = cfg.metric_options.get(metric, {})
-        if known(metric) and isinstance(options, dict):
-            try:
-                check_scorer_sources(*metric_scorer(metric, options), lambda option, path, metric=metric:
-                                     f"metric_options: {{{metric}: {{{option}: {path}}}}}")
-            except (FileNotFoundError, ValueError) as err:
-                problems += [f"metric {metric}: {line}" for line in str(err).splitlines()]
     if cfg.images_dir is not None:
         if not Path(cfg.images_dir).is_dir():
             problems.append(f"images_dir {cfg.images_dir} is not a directory")

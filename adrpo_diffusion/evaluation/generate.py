@@ -62,9 +62,15 @@ def model_settings(model: ModelSpec, cfg: EvalConfig) -> dict:
     return settings
 
 
+# Library warnings that say nothing here: our LoRAs train the transformer only (load_lora_checked checks what a LoRA
+# reaches), and the tokenizer's length warning repeats diffusers' truncation warning, which is kept.
+_SILENCED = ("No LoRA keys associated to", "Token indices sequence length is longer than")
+
+
 class _OncePerCause(logging.Filter):
-    """Lets each distinct library warning through once. CLIP's truncation warning, logged per batch with the cut text
-    of every prompt (padded with hundreds of ``<|endoftext|>``), is cut to its cause and shown once for all prompts."""
+    """Lets each distinct library warning through once, and none of ``_SILENCED``. CLIP's truncation warning, logged
+    per batch with the cut text of every prompt (padded with hundreds of ``<|endoftext|>``), is cut to its cause and
+    shown once for all prompts."""
 
     def __init__(self):
         super().__init__()
@@ -72,6 +78,8 @@ class _OncePerCause(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
+        if message.startswith(_SILENCED):
+            return False
         if "can only handle sequences up to" in message:
             message = message.split(":")[0] + " (for some prompts; shown once)"
             record.msg, record.args = message, ()
@@ -83,10 +91,11 @@ class _OncePerCause(logging.Filter):
 
 @contextlib.contextmanager
 def warnings_once():
-    """Within the block, diffusers' log shows every warning once (:class:`_OncePerCause`)."""
-    import diffusers  # noqa: F401  (sets up the handler of its log)
+    """Within the block, diffusers' and transformers' logs show every warning once (:class:`_OncePerCause`)."""
+    import diffusers  # noqa: F401  (sets up the handlers of their logs)
+    import transformers  # noqa: F401
 
-    handlers = logging.getLogger("diffusers").handlers
+    handlers = logging.getLogger("diffusers").handlers + logging.getLogger("transformers").handlers
     once = _OncePerCause()
     for handler in handlers:
         handler.addFilter(once)

@@ -620,7 +620,7 @@ def save_comparison(results: dict, prompts: list[str], out: Path, per_cell: int 
     images = torch.stack(cells, dim=1).flatten(0, 2)  # prompt-major, then column, then image
     images = images.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
     cols = len(columns) * per_cell
-    grid = image_grid(images, cols=cols, labels=prompts)
+    grid = image_grid(images, cols=cols, labels=prompts, min_cell=0)  # enlarged above
     font, cell = ImageFont.load_default(), images.shape[-1] * per_cell
     band = grid.width - cell * len(columns)
     header = Image.new("RGB", (grid.width, 16), "white")

@@ -36,14 +36,18 @@ def available_scorers() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def unknown_scorer(name: str) -> str:
+    return (f"Unknown scorer {name!r}{did_you_mean(name, _REGISTRY)}; available: {', '.join(available_scorers())}, or "
+            "your own as module.path:function or path/to/file.py:function")
+
+
 def scorer_class(name: str):
     """The factory of a registered scorer, or of a user's own (``module.path:function``); ``ValueError`` otherwise."""
     if name in _REGISTRY:
         return _REGISTRY[name]
     if is_custom(name):
         return custom_scorer_class(name)
-    raise ValueError(f"Unknown scorer {name!r}{did_you_mean(name, _REGISTRY)}; available: {', '.join(available_scorers())}"
-                     ", or your own as module.path:function or path/to/file.py:function")
+    raise ValueError(unknown_scorer(name))
 
 
 def check_scorer(name: str, options: dict, prompts=None) -> None:

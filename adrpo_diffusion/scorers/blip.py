@@ -135,6 +135,7 @@ def _text_model(med_config_path: str, vision_width: int, cross_attention: bool):
         intermediate_size=med["intermediate_size"], num_hidden_layers=med["num_hidden_layers"],
         num_attention_heads=med["num_attention_heads"], max_position_embeddings=med["max_position_embeddings"],
         hidden_act=med["hidden_act"], layer_norm_eps=med["layer_norm_eps"], pad_token_id=med["pad_token_id"],
+        bos_token_id=med["vocab_size"] - 2,  # BLIP's [DEC], the first of the two tokens it adds to BERT's vocabulary
         # transformers builds the cross-attention layers only for a "decoder"; the forward pass stays bidirectional.
         is_decoder=cross_attention, use_cache=False,
     )

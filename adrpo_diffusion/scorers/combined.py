@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 
 from ..utils import did_you_mean
-from . import available_scorers, build_scorer, check_scorer, check_scorer_sources, is_custom
+from . import available_scorers, build_scorer, check_scorer, check_scorer_sources, is_custom, unknown_scorer
 from .base import to_image_tensor
 
 EXAMPLE = "{pickscore: 1.0, clip: 0.5}"
@@ -43,8 +43,7 @@ def reward_parts(reward, reward_options) -> dict[str, tuple[float, dict]]:
     valid = available_scorers()
     for name, weight in reward.items():
         if name not in valid and not is_custom(name):
-            problems.append(f"Unknown scorer {name!r}{did_you_mean(name, valid)}; available: {', '.join(valid)}, or "
-                            "your own as module.path:function or path/to/file.py:function")
+            problems.append(unknown_scorer(name))
         if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
             problems.append(f"weight of reward {name!r} must be a finite number, got {weight!r}")
         elif weight == 0:

@@ -22,7 +22,7 @@ class PickScoreScorer(ClipScorer):
     """``model``: hub id or local directory of the PickScore CLIPModel; ``processor``: hub id or local directory
     of its CLIPProcessor. The CLIP score with ``scale = exp(logit_scale)`` of the model."""
 
-    files = {"model": "config.json", "processor": "preprocessor_config.json"}
+    files = {"model": "config.json", "processor": "tokenizer_config.json"}
 
     def __init__(self, model: str = DEFAULT_MODEL, processor: str = DEFAULT_PROCESSOR, device: str | None = None,
                  dtype: str = "float32", batch_size: int = 32):

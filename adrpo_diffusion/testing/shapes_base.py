@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from ..tasks.shapes import all_captions, sample_batch
-from .tiny_pipelines import fit_tiny_vae, tiny_sd3_pipeline
+from .tiny_pipelines import fit_tiny_vae, save_pipeline, tiny_sd3_pipeline
 
 TRANSFORMER_CONFIG = dict(  # 6 heads (width 96): 4 heads (64) learned colours but drew blobs at 2400 steps
     sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=16,
@@ -133,5 +133,5 @@ def build_tiny_sd3_shapes(directory: str | os.PathLike, seed: int = 0, steps: in
     pipe = build_untrained_pipeline(seed, vae_steps)
     with torch.random.fork_rng(devices=[]):
         pretrain_transformer(pipe, steps=steps, seed=seed, log_every=max(1, steps // 6))
-    pipe.save_pretrained(directory)
+    save_pipeline(pipe, directory)
     return Path(directory)
