@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
 
+from .faults import write_failed
 from .utils import umask_permissions
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -41,6 +43,54 @@ def load_lora_into(transformer, directory: str | os.PathLike) -> None:
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise ValueError(f"{directory}: LoRA keys that do not match the model's adapter: {unexpected[:5]}")
+
+
+TRAINER_STATE_NAME = "trainer_state.pt"
+
+
+def save_state_dicts(objects: dict, directory: str | os.PathLike) -> None:
+    """``{name: obj.state_dict()}`` of the trainer's own objects (LR schedule, prompt sampler, the methods' copies of
+    the policy) into ``trainer_state.pt``."""
+    import torch
+
+    torch.save({name: obj.state_dict() for name, obj in objects.items()}, Path(directory) / TRAINER_STATE_NAME)
+
+
+def load_state_dicts(objects: dict, directory: str | os.PathLike) -> None:
+    """The states :func:`save_state_dicts` wrote, read as tensors and plain values only (``torch.load(...,
+    weights_only=True)``, numpy's types allowed): a file that holds anything else, such as a pickle crafted to run
+    code when loaded, is refused with :class:`CheckpointError` before anything in it runs. (accelerate unpickles the
+    objects registered with it with ``weights_only=False``; hence these are not registered.)"""
+    from accelerate.utils import load
+
+    path = Path(directory) / TRAINER_STATE_NAME
+    try:
+        states = load(path, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        raise unsafe_file_error(path, err) from None
+    for name, obj in objects.items():
+        obj.load_state_dict(states[name])
+
+
+def check_rng_state(directory: str | os.PathLike, process_index: int) -> None:
+    """This process's ``random_states_<i>.pkl`` can be read safely. accelerate skips random states it cannot load
+    with only a log line, and the resumed run would then silently not be the uninterrupted one."""
+    from accelerate.utils import load
+
+    path = Path(directory) / f"random_states_{process_index}.pkl"
+    try:
+        load(path)
+    except pickle.UnpicklingError as err:
+        raise unsafe_file_error(path, err) from None
+    except Exception as err:  # missing, or not a torch.save file
+        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {err}); without it the run cannot "
+                              "resume exactly. Resume from another checkpoint.") from None
+
+
+def unsafe_file_error(path, err: Exception) -> CheckpointError:
+    reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    return CheckpointError(f"{path} holds more than tensors and plain values, so it was not loaded (a pickle can run "
+                           f"code when loaded; a checkpoint written by adrpo_diffusion never needs that): {reason}")
 
 
 def list_checkpoints(checkpoints_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -141,15 +191,22 @@ def save_checkpoint(accelerator, checkpoints_dir: str | os.PathLike, step: int, 
     from the previous one. Keeps the newest ``total_limit`` checkpoints (0 keeps all)."""
     root = Path(checkpoints_dir)
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
-    if accelerator.is_main_process:
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_manifest(tmp, config)
+            umask_permissions(tmp)
+    except OSError as err:  # a full disk, an I/O error: the previous checkpoints stay as they were
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+        previous = list_checkpoints(root)
+        raise write_failed(final, err, "the previous checkpoint, " + (str(previous[-1][1]) if previous else "none")
+                           + ", is intact") from err
     if accelerator.is_main_process:
-        write_manifest(tmp, config)
-        umask_permissions(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -107,6 +107,8 @@ class TrainConfig:
     seed: int = _f(0, "Seed of every random draw (prompts, rollouts, noise, t).")
     checkpointing_steps: int = _f(100, "Write a resumable checkpoint every N steps (0: only at the end).")
     checkpoints_total_limit: int = _f(3, "Keep the newest N checkpoints (0: keep all).")
+    checkpoint_every_minutes: float = _f(0.0, "Also write a checkpoint when this many minutes have passed since the last "
+                                              "one (0: off); for long steps, or a scheduler that preempts.")
     resume_from_checkpoint: str | None = _f(None, "latest, or a checkpoints/step-N directory. The checkpoint's files and "
                                                   "config are checked first: only max_steps and the checkpointing, held-out, "
                                                   "logging, speed and batch-size keys may differ (RESUME_MAY_CHANGE).")
@@ -127,9 +129,9 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # the checkpoint's (the model, the LoRA and optimizer state shapes, the method, the reward, the data, the seed).
 RESUME_MAY_CHANGE = (
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "max_steps", "checkpointing_steps",
-    "checkpoints_total_limit", "sample_every", "eval_prompts", "eval_seeds", "report_to", "max_consecutive_nonfinite",
-    "allow_tf32", "compile_transformer", "compile_backend", "compile_mode", "rollout_merge_lora", "gradient_checkpointing",
-    "rollout_batch_size", "train_batch_size",
+    "checkpoint_every_minutes", "checkpoints_total_limit", "sample_every", "eval_prompts", "eval_seeds", "report_to",
+    "max_consecutive_nonfinite", "allow_tf32", "compile_transformer", "compile_backend", "compile_mode",
+    "rollout_merge_lora", "gradient_checkpointing", "rollout_batch_size", "train_batch_size",
 )
 
 
@@ -204,7 +206,8 @@ def validate(cfg: TrainConfig) -> None:
                  "timesteps_per_sample", "lora_rank", "max_steps", "resolution", "max_consecutive_nonfinite"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("checkpointing_steps", "checkpoints_total_limit", "sample_every", "eval_prompts", "lr_warmup_steps"):
+    for name in ("checkpointing_steps", "checkpoint_every_minutes", "checkpoints_total_limit", "sample_every", "eval_prompts",
+                 "lr_warmup_steps"):
         if getattr(cfg, name) < 0:
             problems.append(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.learning_rate <= 0:

@@ -126,6 +126,30 @@ class Method:
         raise NotImplementedError
 
 
+def plan_on_finite_groups(method: Method, rewards: torch.Tensor, group_ids: torch.Tensor, rank: int,
+                          n_local: int) -> tuple[TrainingPlan, int]:
+    """``method``'s plan for this process as if the prompt groups holding a NaN or inf reward were not in the batch,
+    and the number of samples left out. The plan is made once over the kept samples of all processes (one virtual
+    process: baselines, normalisations and ``global_units`` see only kept groups), then mapped back to this
+    process's rows; a unit (a DPO pair) is never split, since its groups never span processes."""
+    valid = group_means(torch.isfinite(rewards).float(), group_ids) == 1
+    if bool(valid.all()):
+        return method.plan(rewards, group_ids, rank, n_local), 0
+    keep = torch.nonzero(valid).flatten()
+    dropped = rewards.numel() - keep.numel()
+    if not keep.numel():
+        return TrainingPlan(torch.zeros(0, dtype=torch.long), 1, {}, 0, (), {}), dropped
+    plan = method.plan(rewards[keep], group_ids[keep], 0, keep.numel())
+    local = keep.cpu() - rank * n_local  # kept sample -> its row on this process (outside [0, n_local): another's)
+    mine = (local >= 0) & (local < n_local)
+    units = plan.rows.view(-1, plan.unit)
+    rows = local[units[mine[units].all(1)]].flatten()
+    values = {name: value.new_zeros((n_local, *value.shape[1:])).index_copy_(0, local[mine].to(value.device),
+                                                                              value[mine.to(value.device)])
+              for name, value in plan.values.items()}
+    return dataclasses.replace(plan, rows=rows, values=values), dropped
+
+
 _REGISTRY: dict[str, type[Method]] = {}
 
 

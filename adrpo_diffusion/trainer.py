@@ -19,24 +19,45 @@ import dataclasses
 import gc
 import json
 import math
+import pickle
 import shutil
+import signal
 import time
 from pathlib import Path
 
 import torch
 
-from .checkpoint import checkpoint_step, list_checkpoints, load_lora_into, resolve_resume, run_files, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    check_rng_state,
+    checkpoint_step,
+    list_checkpoints,
+    load_lora_into,
+    load_state_dicts,
+    resolve_resume,
+    run_files,
+    save_checkpoint,
+    save_state_dicts,
+    unsafe_file_error,
+)
 from .config import TrainConfig
 from .families import AdapterCopies, MergedLoRA, ModelFamily, adapters_off, check_model_source, load_family
+from .faults import NonFiniteLossError, ProcessLost, RewardFailed, StopRequest, TrainingStopped, write_failed
 from .losses import flow_matching_pair, sample_times
-from .methods import FlowBatch, Method, build_method
+from .methods import FlowBatch, Method, build_method, plan_on_finite_groups
 from .prompts import PromptSampler, split_prompts
 from .scorers import build_reward, check_reward, check_reward_sources
 from .utils import image_grid, mean_and_se
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+def _collective_failure(err: RuntimeError) -> bool:
+    """Whether ``err`` is a collective operation that failed (gloo raises plain RuntimeErrors naming itself)."""
+    return isinstance(err, torch.distributed.DistError) or any(
+        text in str(err) for text in ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer"))
+
+
+def signal_name(signum: int | None) -> str:
+    return signal.Signals(signum).name if signum else "a stop signal on another process"
 
 
 def _tracker(report_to: str) -> str | None:
@@ -194,17 +215,28 @@ class Trainer:
                                           num_training_steps=cfg.max_steps)
         self.model, self.optimizer = acc.prepare(self.transformer, optimizer)
         self.sampler = PromptSampler(self.num_training_prompts, cfg.seed)
-        acc.register_for_checkpointing(self.lr_scheduler, self.sampler, *([self.copies] if self.copies else []))
-        acc.register_save_state_pre_hook(self._save_lora_hook)
-        acc.register_load_state_pre_hook(self._load_lora_hook)
+        # Saved and loaded by the hooks below, not registered with accelerate, which unpickles registered objects
+        # with weights_only=False: a checkpoint must not be able to run code (checkpoint.load_state_dicts).
+        self.state_objects = {"lr_scheduler": self.lr_scheduler, "prompt_sampler": self.sampler,
+                              **({"policy_copies": self.copies} if self.copies else {})}
+        acc.register_save_state_pre_hook(self._save_hook)
+        acc.register_load_state_pre_hook(self._load_hook)
 
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        self._warned_nonfinite_reward = False
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self._log(f"method: {self.method}")
         if self.resume_dir is not None:
-            acc.load_state(str(self.resume_dir))
+            if any(self.resume_dir.glob("custom_checkpoint_*.pkl")):
+                raise CheckpointError(f"{self.resume_dir} was written by an earlier version of adrpo_diffusion, whose "
+                                      "states accelerate unpickles without weights_only (a crafted file could run code): "
+                                      "resume it with that version, or start the run over.")
+            try:
+                acc.load_state(str(self.resume_dir))
+            except pickle.UnpicklingError as err:  # accelerate's torch.load(weights_only=True) of its own files
+                raise unsafe_file_error(self.resume_dir, err) from None
             self.step = checkpoint_step(self.resume_dir)
             self._log(f"resumed from {self.resume_dir} at step {self.step}")
         elif cfg.resume_from_checkpoint == "latest":
@@ -223,14 +255,17 @@ class Trainer:
         acc.init_trackers("adrpo", config=_flat_config(cfg))
 
     # ------------------------------------------------------------------ checkpoint hooks (LoRA only, not 2B weights)
-    def _save_lora_hook(self, models, weights, output_dir):
+    def _save_hook(self, models, weights, output_dir):
         if self.accelerator.is_main_process:
             self.family.export_lora(self.accelerator.unwrap_model(self.model), self.lora_config, output_dir)
+            save_state_dicts(self.state_objects, output_dir)
         weights.clear()
 
-    def _load_lora_hook(self, models, input_dir):
+    def _load_hook(self, models, input_dir):
         models.clear()
         load_lora_into(self.accelerator.unwrap_model(self.model), input_dir)
+        load_state_dicts(self.state_objects, input_dir)
+        check_rng_state(input_dir, self.accelerator.process_index)
 
     # ------------------------------------------------------------------ helpers
     def _log(self, message: str) -> None:
@@ -319,19 +354,28 @@ class Trainer:
         x1, images = self._policy_rollouts(local_prompt, copy=self.method.rollout_adapter)
         t1 = time.perf_counter()
 
-        # 2. rewards; 3. the method's plan from the whole (gathered) batch, so every group is complete.
-        rewards, parts = self._score(images, local_prompt)
+        # 2. rewards; 3. the method's plan from the whole (gathered) batch, so every group is complete; groups with
+        # a NaN or inf reward are left out.
+        try:
+            rewards, parts = self._score(images, local_prompt)
+            failure = None
+        except Exception as err:  # noqa: BLE001  (any error of a user's reward stops the run cleanly)
+            failure = err
+        if self._any_process(failure is not None)[0]:  # every process stops, not only the one whose reward raised
+            cause = f"{type(failure).__name__}: {failure}" if failure else "it raised on another process"
+            raise RewardFailed(f"the reward failed at step {self.step + 1}: {cause}") from failure
         all_rewards = acc.gather(rewards.float())
-        part_means = {f"reward_{name}": acc.gather(part.float()).mean().item() for name, part in parts.items()}
-        plan = self.method.plan(all_rewards, global_group, rank, n_local)
+        part_means = {f"reward_{name}": acc.gather(part.float()).nanmean().item() for name, part in parts.items()}
+        plan, dropped = plan_on_finite_groups(self.method, all_rewards, global_group, rank, n_local)
+        valid_rewards = all_rewards[torch.isfinite(all_rewards)]
         t2 = time.perf_counter()
 
         # 4. flow-matching regression with fresh noise and t, accumulated into one step (none when the method found
         # nothing to train on anywhere, e.g. DPO with every group's rewards equal).
         groups = (rank * n_local + torch.arange(n_local)) // K  # prompt group of each local rollout
         sums, grad_norm = self._regress(plan, x1, local_prompt, groups) if plan.global_units else ({}, torch.zeros(()))
-        # A non-finite reward, loss or gradient anywhere skips the step everywhere.
-        ok = bool(torch.isfinite(all_rewards).all()) and math.isfinite(sums.get("loss", 0.0)) and bool(grad_norm.isfinite())
+        # A non-finite loss or gradient anywhere, or no group with finite rewards, skips the step everywhere.
+        ok = dropped < total and math.isfinite(sums.get("loss", 0.0)) and bool(grad_norm.isfinite())
         finite = bool(acc.gather(torch.tensor([float(ok)], device=acc.device)).min().item())
         if finite and plan.global_units:
             self.optimizer.step()
@@ -353,8 +397,10 @@ class Trainer:
             gathered = acc.gather(torch.tensor(list(sums.values()), device=acc.device).view(1, -1))
             losses = dict(zip(sums, gathered.view(world, -1).mean(0).tolist()))
         return {
-            "reward_mean": all_rewards.mean().item(),
-            "reward_std": all_rewards.std().item(),
+            "reward_mean": valid_rewards.mean().item() if len(valid_rewards) else math.nan,
+            "reward_std": valid_rewards.std().item() if len(valid_rewards) > 1 else math.nan,
+            "reward_nonfinite": int(total - len(valid_rewards)),
+            "samples_dropped": dropped,
             **part_means,
             **plan.metrics,
             **losses,
@@ -362,7 +408,7 @@ class Trainer:
             "grad_norm": grad_norm.item(),
             "lr": self.lr_scheduler.get_last_lr()[0],
             "skipped_nonfinite": int(not finite),
-            "skipped_empty": int(not plan.global_units),
+            "skipped_empty": int(not plan.global_units and dropped < total),
             "nonfinite_total": self.nonfinite_total,
             "seconds_rollout": t1 - t0,
             "seconds_reward": t2 - t1,
@@ -420,6 +466,74 @@ class Trainer:
         return sums, acc.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
 
     # ------------------------------------------------------------------ the run
+    def _loop(self, progress, stop: StopRequest) -> None:
+        """Algorithm 1's iterations up to ``max_steps``. Before each: a stop signal on any process (every process
+        stops at the same step) or ``checkpoint_every_minutes`` elapsed writes a checkpoint of the last completed
+        step; the signal then ends the run (:class:`TrainingStopped`)."""
+        cfg, acc = self.cfg, self.accelerator
+        while self.step < cfg.max_steps:
+            minutes = cfg.checkpoint_every_minutes
+            stopping, due = self._any_process(stop.signum is not None,
+                                              minutes > 0 and time.monotonic() - self._last_save >= 60 * minutes)
+            if stopping or due:
+                path = self._save_checkpoint()
+                if stopping:
+                    where = f"checkpoint {path}" if path else "no step was completed, nothing to save"
+                    raise TrainingStopped(f"stopped by {signal_name(stop.signum)} before step {self.step + 1} ({where})",
+                                          stop.signum or signal.SIGTERM)
+            try:
+                metrics = self.train_step()
+            except RewardFailed:
+                self._save_checkpoint()  # the failed step changed nothing: this is the last completed one
+                raise
+            self.step += 1
+            metrics = {"step": self.step, **metrics}
+            acc.log(metrics, step=self.step)
+            if acc.is_main_process:
+                with self.metrics_path.open("a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            if metrics["reward_nonfinite"] and not self._warned_nonfinite_reward:
+                self._warned_nonfinite_reward = True
+                self._log(f"step {self.step}: the reward was NaN or inf for {metrics['reward_nonfinite']} images; their "
+                          "prompt groups were left out of the step (metrics.jsonl counts them in reward_nonfinite; this "
+                          "is said once)")
+            if metrics["skipped_empty"]:
+                self._log(f"step {self.step}: the method found nothing to train on (e.g. DPO: every group's rewards "
+                          "equal); no update")
+            if metrics["skipped_nonfinite"]:
+                self._log(f"step {self.step}: non-finite loss or gradient, or no prompt group with finite rewards; step "
+                          f"skipped ({self.nonfinite_in_a_row} in a row)")
+                if self.nonfinite_in_a_row >= cfg.max_consecutive_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{self.nonfinite_in_a_row} non-finite steps in a row (step {self.step}); stopping. Lower "
+                        "learning_rate, check the reward for NaN/inf, or resume from the last checkpoint."
+                    )
+            progress.update(1)
+            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics.get('loss', math.nan):.4f}")
+            if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0:
+                self._save_checkpoint()
+            if cfg.sample_every and self.step % cfg.sample_every == 0 and acc.is_main_process:
+                _, images, _ = self.heldout_rewards(seeds=cfg.eval_seeds[:1])
+                self._save_samples(images, f"step-{self.step}")
+
+    def _save_checkpoint(self) -> Path | None:
+        """A checkpoint of the current step, unless it exists (or no step was trained); its path."""
+        cfg = self.cfg
+        saved = dict(list_checkpoints(self.checkpoints_dir))
+        if self.step and self.step not in saved:
+            saved[self.step] = save_checkpoint(self.accelerator, self.checkpoints_dir, self.step,
+                                               cfg.checkpoints_total_limit, dataclasses.asdict(cfg))
+            self._last_save = time.monotonic()
+        return saved.get(self.step)
+
+    def _any_process(self, *flags: bool) -> list[bool]:
+        """Each flag, true when it is true on any process: one small all-reduce (none with a single process)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return list(flags)
+        total = acc.reduce(torch.tensor([float(flag) for flag in flags], device=acc.device), reduction="sum")
+        return [value > 0 for value in total.tolist()]
+
     def train(self) -> dict:
         cfg, acc = self.cfg, self.accelerator
         from tqdm.auto import tqdm
@@ -430,37 +544,23 @@ class Trainer:
             self._log(f"held-out reward of the base model: {before.mean().item():.4f}")
         progress = tqdm(total=cfg.max_steps, initial=self.step, desc="ADRPO steps" if cfg.method == "adrpo" else cfg.method,
                         disable=not acc.is_main_process)
-        while self.step < cfg.max_steps:
-            metrics = self.train_step()
-            self.step += 1
-            metrics = {"step": self.step, **metrics}
-            acc.log(metrics, step=self.step)
-            if acc.is_main_process:
-                with self.metrics_path.open("a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-            if metrics["skipped_empty"]:
-                self._log(f"step {self.step}: the method found nothing to train on (e.g. DPO: every group's rewards "
-                          "equal); no update")
-            if metrics["skipped_nonfinite"]:
-                self._log(f"step {self.step}: non-finite loss or gradient, step skipped ({self.nonfinite_in_a_row} in a row)")
-                if self.nonfinite_in_a_row >= cfg.max_consecutive_nonfinite:
-                    raise NonFiniteLossError(
-                        f"{self.nonfinite_in_a_row} non-finite losses in a row (step {self.step}); stopping. Lower "
-                        "learning_rate, check the reward for NaN/inf, or resume from the last checkpoint."
-                    )
-            progress.update(1)
-            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics.get('loss', math.nan):.4f}")
-            if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0:
-                save_checkpoint(acc, self.checkpoints_dir, self.step, cfg.checkpoints_total_limit, dataclasses.asdict(cfg))
-            if cfg.sample_every and self.step % cfg.sample_every == 0 and acc.is_main_process:
-                _, images, _ = self.heldout_rewards(seeds=cfg.eval_seeds[:1])
-                self._save_samples(images, f"step-{self.step}")
+        self._last_save = time.monotonic()
+        with StopRequest(self._log) as stop:
+            try:
+                self._loop(progress, stop)
+            except RuntimeError as err:  # a collective that failed: another process of the run is gone
+                if acc.num_processes == 1 or not _collective_failure(err):
+                    raise
+                raise ProcessLost(f"another process of this run stopped (a collective failed at step {self.step + 1}: "
+                                  f"{str(err).splitlines()[0]})") from err
         progress.close()
 
-        if not any(step == self.step for step, _ in list_checkpoints(self.checkpoints_dir)):
-            save_checkpoint(acc, self.checkpoints_dir, self.step, cfg.checkpoints_total_limit, dataclasses.asdict(cfg))
+        self._save_checkpoint()
         if acc.is_main_process:
-            self.family.export_lora(acc.unwrap_model(self.model), self.lora_config, self.output_dir)
+            try:
+                self.family.export_lora(acc.unwrap_model(self.model), self.lora_config, self.output_dir)
+            except OSError as err:
+                raise write_failed(self.output_dir / "pytorch_lora_weights.safetensors", err) from err
         self._log(f"LoRA weights: {self.output_dir / 'pytorch_lora_weights.safetensors'}")
         if not check:
             acc.end_training()

@@ -1,6 +1,7 @@
 """Bad input gets a clear error before any model loads."""
 
 import dataclasses
+import sys
 
 import pytest
 
@@ -257,3 +258,18 @@ def test_train_help_shows_every_default(capsys):
                 for f in dataclasses.fields(trainer.TrainConfig)}
     assert out.count("(default: ") == len(defaults)
     assert f"(default: {defaults['learning_rate']})" in out and "(default: [1000, 1001])" in out
+
+
+@pytest.mark.parametrize("entry", ["adrpo_diffusion.cli:train_main", "adrpo_diffusion.evaluation.cli:evaluate_main",
+                                   "adrpo_diffusion.lab.experiment:main", "adrpo_diffusion.benchmark:main",
+                                   "adrpo_diffusion.hub:main", "adrpo_diffusion.llm.cli:main"])
+def test_every_commands_help_works_without_the_optional_extras(entry, monkeypatch, capsys):
+    """What a user has after the Try-it install: no matplotlib, open_clip or TRL (the eval, lab and llm extras)."""
+    import importlib
+
+    for extra in ("matplotlib", "open_clip", "trl"):
+        monkeypatch.setitem(sys.modules, extra, None)  # import fails as if not installed
+    module, function = entry.split(":")
+    with pytest.raises(SystemExit) as info:
+        getattr(importlib.import_module(module), function)(["--help"])
+    assert info.value.code == 0 and "--help" in capsys.readouterr().out

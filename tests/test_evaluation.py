@@ -426,7 +426,7 @@ def test_undecodable_image_is_reported_counted_and_left_out(evaluated, tmp_path,
     assert diversity["groups_without_value"] == 1 and "0" not in diversity["per_prompt"]["mini/1"]["per_seed"]
 
 
-def test_scoring_a_folder_of_images(evaluated, tmp_path, capsys):
+def test_scoring_a_folder_of_images(evaluated, tmp_path, capsys, monkeypatch):
     source, _ = evaluated
     # the generator's own records are sidecars: rescoring its folder gives the same numbers
     assert evaluate_main(["--config", str(TINY_CONFIG), "--images_dir", str(source / "images"),
@@ -453,13 +453,27 @@ def test_scoring_a_folder_of_images(evaluated, tmp_path, capsys):
     assert summary["mean"] == pytest.approx(before["models"]["tiny"]["metrics"]["clipscore"]["per_seed"]["0"], rel=1e-5)
     assert "± n/a" in (tmp_path / "csv" / "table1.md").read_text()
 
-    (folder / "image0.png").write_bytes(b"not an image")  # made elsewhere: nothing to regenerate it from
+    # made elsewhere: nothing to regenerate them from. Refused by name before any model loads, or skipped on request.
+    good = (folder / "image2.png").read_bytes()
+    (folder / "image0.png").write_bytes(b"not an image")
+    (folder / "image1.png").write_bytes(b"")
+    (folder / "image2.png").write_bytes(good[: len(good) // 2])  # truncated
+    argv = ["--config", str(TINY_CONFIG), "--images_dir", str(folder), "--images_prompts", str(folder / "prompts.csv"),
+            "--output_dir", str(tmp_path / "broken"), "--metrics", "[clipscore]"]
     capsys.readouterr()
-    assert evaluate_main(["--config", str(TINY_CONFIG), "--images_dir", str(folder), "--images_prompts",
-                          str(folder / "prompts.csv"), "--output_dir", str(tmp_path / "broken"),
-                          "--metrics", "[clipscore]"]) == 0
+    with monkeypatch.context() as patched:
+        patched.setattr("adrpo_diffusion.evaluation.cli.score_all", None)  # nothing may be scored (or loaded)
+        assert evaluate_main(argv) == 2
     err = capsys.readouterr().err
-    assert "1 image(s) could not be decoded" in err and "replace them to score them" in err and "regenerate" not in err
+    assert "3 of 6 images under" in err and "cannot be decoded" in err and "--skip_bad_images true" in err
+    for name in ("image0.png", "image1.png", "image2.png"):
+        assert str(folder / name) in err
+    (folder / "image2.png").write_bytes(good)
+    assert evaluate_main([*argv, "--skip_bad_images", "true"]) == 0
+    err = capsys.readouterr().err
+    assert "skipping 2 of 6 images that cannot be decoded" in err
+    kept = {row.split(",", 1)[1] for row in rows[1:] if row.split(",")[0] not in ("image0.png", "image1.png")}
+    assert _results(tmp_path / "broken")["models"]["made-elsewhere"]["metrics"]["clipscore"]["n_prompts"] == len(kept)
 
 
 def test_missing_optional_dependencies_are_reported_before_any_work(prompts_csv, monkeypatch):
@@ -497,3 +511,20 @@ def test_log_is_short_and_interrupted_temporaries_are_removed(tmp_path, tiny_lor
     assert log.count("can only handle sequences up to 77 tokens") == 1 and "<|endoftext|>" not in log
     assert len(log) < 15_000, len(log)
     assert not orphan.exists() and not list(out.rglob(".tmp-*"))
+
+
+def test_a_custom_metric_scores_a_folder_like_a_built_in_one(evaluated, tmp_path):
+    source, _ = evaluated
+    rewards = tmp_path / "my_metrics.py"
+    rewards.write_text("def brightness(images, prompts):\n    return images.mean(dim=(1, 2, 3))\n")
+    name = f"{rewards}:brightness"
+    out = tmp_path / "out"
+    assert evaluate_main(["--config", str(TINY_CONFIG), "--images_dir", str(source / "images"), "--output_dir", str(out),
+                          "--metrics", name, "--reward_metric", name]) == 0
+    summary = _results(out)["models"]["tiny"]["metrics"][name]
+    from PIL import Image
+
+    pixels = [np.asarray(Image.open(p).convert("RGB"), dtype=float).mean() / 255
+              for p in sorted((source / "images" / "tiny").rglob("*.png"))]
+    assert summary["mean"] == pytest.approx(np.mean(pixels), abs=1e-6)  # every prompt has as many images
+    assert name in (out / "table1.md").read_text()

@@ -180,7 +180,7 @@ def test_a_custom_reward_by_file_or_module_scores_like_its_function(batch, custo
 
 @pytest.mark.parametrize("name, options, message", [
     ("my_rewards:brightness", {"targt": 1}, "Unknown option(s) ['targt'] for scorer 'my_rewards:brightness'; valid: "
-                                            "['target']"),
+                                            "['batch_size', 'device', 'target']"),
     ("my_rewards:nothing", {}, "Custom reward 'my_rewards:nothing': my_rewards has no 'nothing'"),
     ("my_rewards:not_a_function", {}, "is a int, not a function"),
     ("no_such_module:f", {}, "cannot import 'no_such_module'"),

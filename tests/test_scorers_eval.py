@@ -260,3 +260,18 @@ def test_evaluation_names_every_unreachable_scorer_model_before_anything_loads(m
     assert "pass the directory: metric_options: {clipscore: {model: /models/clip-vit-large-patch14}}" in err
     assert "metric pickscore: 'yuvalkirstain/PickScore_v1'" in err and "{pickscore: {model: /models/PickScore_v1}}" in err
     assert "processor" not in err  # the built-in asset is fine
+
+
+def test_a_scorer_checkpoint_that_would_run_code_is_refused_unrun(tmp_path, tiny_clip_dir):
+    import pickle
+    from pathlib import Path
+
+    class RunsCode:
+        def __reduce__(self):
+            return Path.touch, (tmp_path / "code-ran",)
+
+    crafted = tmp_path / "head.pth"
+    torch.save({"layers.0.weight": RunsCode()}, crafted)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        build_scorer("aesthetic", device="cpu", checkpoint=str(crafted), clip_model=str(tiny_clip_dir))
+    assert not (tmp_path / "code-ran").exists()

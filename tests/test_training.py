@@ -236,7 +236,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, tiny_sd3_dir,
     before = {k: v.clone() for k, v in trainer.transformer.named_parameters() if v.requires_grad}
     monkeypatch.setattr(trainer.scorer, "score_parts",
                         lambda images, prompts: {"color": torch.full((len(prompts),), float("nan"))})
-    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
+    with pytest.raises(NonFiniteLossError, match="3 non-finite steps in a row"):
         trainer.train()
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["skipped_nonfinite"] for m in lines] == [1, 1, 1] and lines[-1]["nonfinite_total"] == 3
@@ -410,3 +410,41 @@ def test_several_rewards_are_summed_with_their_weights_and_each_part_is_logged(t
     details = summary["heldout_details"]
     assert set(details) == {"colour", "shape", "count", "position", "geneval_pass"}
     assert all(0 <= d[key] <= 1 for d in details.values() for key in ("before", "after"))
+
+
+class _RunsCode:
+    """Unpickled without weights_only, it creates ``marker``: what a crafted checkpoint could do instead."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return Path.touch, (self.marker,)
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory, tiny_sd3_dir):
+    run = tmp_path_factory.mktemp("trusted") / "run"
+    Trainer(small_config(run, max_steps=2, eval_prompts=0)).train()
+    return run
+
+
+@pytest.mark.parametrize("name", ["trainer_state.pt", "optimizer.bin", "random_states_0.pkl"])
+def test_a_checkpoint_file_that_would_run_code_is_refused_unrun(tmp_path, checkpointed_run, name):
+    from adrpo_diffusion.checkpoint import MANIFEST_NAME, CheckpointError, write_manifest
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpointed_run, run)
+    step = run / "checkpoints" / "step-2"
+    marker = tmp_path / "code-ran"
+    torch.save({"state": _RunsCode(marker)}, step / name)
+    config = json.loads((step / MANIFEST_NAME).read_text())["config"]
+    (step / MANIFEST_NAME).unlink()
+    write_manifest(step, config)  # whoever crafted the file rewrote the manifest too
+    with pytest.raises(CheckpointError, match="holds more than tensors and plain values, so it was not loaded"):
+        Trainer(small_config(run, max_steps=4, eval_prompts=0, resume_from_checkpoint="latest"))
+    assert not marker.exists()
+    torch.load(step / name, weights_only=False)  # the check is real: unpickled blindly, the file runs its code
+    assert marker.exists()

@@ -25,7 +25,7 @@ from .config import (
     eval_config_from_args,
     load_prompt_set,
 )
-from .folder import collect_images
+from .folder import collect_images, undecodable
 from .generate import LoraMismatchError, generate_images, warnings_once
 from .score import score_all
 from .tables import label, plot_reward_vs_diversity, render_csv, render_latex, render_markdown
@@ -41,6 +41,16 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.images_dir is not None:
         root = Path(cfg.images_dir)
         records = collect_images(cfg.images_dir, cfg.images_prompts)
+        bad = undecodable(root, records)
+        if bad:
+            listing = "\n  ".join(f"{root / path}: {why}" for path, why in list(bad.items())[:10])
+            more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+            if not cfg.skip_bad_images:
+                raise EvalConfigError(f"{len(bad)} of {len(records)} images under {root} cannot be decoded:\n  {listing}"
+                                      f"{more}\nReplace or remove them, or pass --skip_bad_images true to score the rest.")
+            print(f"WARNING: skipping {len(bad)} of {len(records)} images that cannot be decoded (--skip_bad_images):\n  "
+                  f"{listing}{more}", file=sys.stderr)
+            records = [record for record in records if record.path not in bad]
     else:
         root = out / "images"
         prompts = [entry for prompt_set in cfg.prompt_sets

@@ -115,6 +115,8 @@ class EvalConfig:
                                       "sidecar holding its prompt, or see images_prompts).")
     images_prompts: str | None = _f(None, "With images_dir: a CSV with columns file (relative to images_dir) and "
                                           "prompt; optional model, seed, prompt_set, category.")
+    skip_bad_images: bool = _f(False, "With images_dir: score the images that decode and list the others (empty, "
+                                      "truncated or not images); without it they are refused before any model loads.")
 
     def resolved_device(self) -> str:
         import torch

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .config import EvalConfigError
 from .generate import ImageRecord
+from .score import open_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -54,6 +55,17 @@ def _csv_rows(root: Path, mapping: Path) -> list[dict]:
     if absent:
         raise FileNotFoundError(f"{mapping}: {len(absent)} listed file(s) are not under {root}, e.g. {absent[0]!r}")
     return rows
+
+
+def undecodable(root: str | Path, records: list[ImageRecord]) -> dict[str, str]:
+    """``{path: why}`` of the records' images that cannot be decoded (empty, truncated, not an image): every image is
+    decoded once, before any model loads."""
+    failed = {}
+    for record in records:
+        image = open_image(Path(root) / record.path)
+        if isinstance(image, str):
+            failed[record.path] = image
+    return failed
 
 
 def collect_images(images_dir: str, images_prompts: str | None = None) -> list[ImageRecord]:

@@ -36,7 +36,7 @@ class Scores:
     skipped: dict = field(default_factory=dict)
 
 
-def _open_image(path: Path):
+def open_image(path: Path):
     """The image as RGB, or the error text when it cannot be decoded."""
     try:
         with Image.open(path) as image:
@@ -72,7 +72,7 @@ def _decoded_by_size(root: Path, records: list[ImageRecord], failed: dict) -> di
     needs images of one size."""
     by_size = defaultdict(list)
     for record in records:
-        image = _open_image(root / record.path)
+        image = open_image(root / record.path)
         if isinstance(image, str):
             failed[record.path] = image
         else:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -397,13 +398,23 @@ class ModelFamily:
     def export_lora(cls, transformer, lora_config, directory) -> Path:
         """Write ``pytorch_lora_weights.safetensors`` with ``pipeline_class.save_lora_weights``: ``transformer.``-
         prefixed keys and the LoRA config as metadata, so ``pipeline_class.load_lora_weights(directory)`` applies it
-        at the trained strength (also when ``lora_alpha != r``)."""
+        at the trained strength (also when ``lora_alpha != r``). Written under a temporary name and renamed: an
+        interrupted or failed write leaves the previous file, never a partial one."""
+        import shutil
+        import tempfile
+
         from peft.utils import get_peft_model_state_dict
 
-        cls.pipeline_cls().save_lora_weights(
-            directory, transformer_lora_layers=get_peft_model_state_dict(transformer),
-            transformer_lora_adapter_metadata=lora_metadata(lora_config),
-        )
         path = Path(directory) / "pytorch_lora_weights.safetensors"
-        umask_permissions(path)  # safetensors writes owner-only files
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-lora-", dir=directory))  # written whole, then renamed: never partial
+        try:
+            cls.pipeline_cls().save_lora_weights(
+                tmp, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                transformer_lora_adapter_metadata=lora_metadata(lora_config),
+            )
+            umask_permissions(tmp / path.name)  # safetensors writes owner-only files
+            os.replace(tmp / path.name, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return path

@@ -73,11 +73,16 @@ def custom_scorer_class(spec: str) -> type[Scorer]:
         raise ValueError(f"Custom reward {spec!r} must take (images, prompts, **options); its signature is "
                          f"{inspect.signature(target)}")
 
-    class FunctionScorer(Scorer):
-        __signature__ = inspect.Signature(parameters[2:])  # its options, checked like a built-in scorer's
+    # its options, checked like a built-in scorer's, and the two every scorer takes from adrpo-evaluate
+    options = parameters[2:]
+    common = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+              for name, default in (("batch_size", 32), ("device", None)) if name not in {p.name for p in options}]
 
-        def __init__(self, **options):
-            self.options = options
+    class FunctionScorer(Scorer):
+        __signature__ = inspect.Signature([*options, *common])
+
+        def __init__(self, batch_size: int = 32, device: str | None = None, **options):
+            self.batch_size, self.options = batch_size, options  # the images stay on the CPU, as documented
 
         def _score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
             scores = torch.as_tensor(target(images, prompts, **self.options), dtype=torch.float32).cpu()
