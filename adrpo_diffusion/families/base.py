@@ -96,8 +96,8 @@ class AdapterCopies:
 
     Each copy is an adapter of the policy's shape named after it, started equal to the policy and updated by
     :meth:`update` (``copy = d copy + (1 - d) policy``). ``with copies.active(name):`` runs the transformer with that
-    adapter instead of the policy's. ``state_dict``/``load_state_dict`` make them part of a checkpoint (accelerate's
-    ``register_for_checkpointing``)."""
+    adapter instead of the policy's. ``state_dict``/``load_state_dict`` make them part of a checkpoint (the trainer's
+    ``trainer_state.pt``)."""
 
     def __init__(self, transformer, lora_config, names, policy: str = "default"):
         import copy
