@@ -185,6 +185,14 @@ def question_prompt(q: AudioQuestion) -> str:
             "text of the one option you choose inside <answer> </answer>.")
 
 
+def question_rows(questions: list[AudioQuestion]) -> list[dict]:
+    """Dataset rows for TRL: a conversational ``prompt`` (the clip, then :func:`question_prompt`), the clip's path as
+    ``audio``, and ``answer`` / ``choices`` for the rewards (:mod:`.answers`)."""
+    return [{"id": q.id, "prompt": [{"role": "user", "content": [{"type": "audio"},
+                                                                 {"type": "text", "text": question_prompt(q)}]}],
+             "audio": str(q.audio), "answer": q.answer, "choices": list(q.choices)} for q in questions]
+
+
 def accuracy_table(questions: list[AudioQuestion], correct: list[bool],
                    keys: tuple[str, ...] = ("task", "difficulty", "sub-category")) -> list[dict]:
     """Accuracy with its standard error (``sqrt(p (1 - p) / n)``, binomial) overall and per value of each ``keys``

@@ -29,12 +29,19 @@ BUILTIN = "builtin:"
 @dataclass
 class RunArguments:
     model_name_or_path: str = field(default="Qwen/Qwen2-0.5B-Instruct", metadata={
-        "help": "Policy: hub id or local directory of a causal LM, or builtin:tiny-char-lm (offline demo)."})
+        "help": "Policy: hub id or local directory of a causal LM or of an audio-language model (Qwen2.5-Omni thinker, "
+                "Qwen2-Audio), or builtin:tiny-char-lm / builtin:tiny-omni-thinker (the offline demos)."})
     reward_model: str = field(default="weqweasdas/RM-Gemma-2B", metadata={
         "help": "Reward: hub id or local directory of a sequence-classification reward model (one logit), or "
-                "builtin:first-letter (the demo's verifiable reward)."})
+                "one of the built-in verifiable rewards: builtin:first-letter and builtin:audio-pitch (the demos'), "
+                "builtin:answer-accuracy-format (audio multiple choice: R1-style <answer> accuracy plus format)."})
     dataset_name: str = field(default="RLHFlow/test_generation_2k", metadata={
-        "help": "Prompts: hub id or local path for datasets.load_dataset, or builtin:first-letter."})
+        "help": "Prompts: hub id or local path for datasets.load_dataset; with dataset_format avqa, the train_qa.json "
+                "file; or builtin:first-letter / builtin:audio-pitch (the demos' tasks)."})
+    dataset_format: str = field(default="hf", metadata={
+        "help": "hf (datasets.load_dataset; an 'audio' column makes it an audio run) or avqa (AVQA's train_qa.json "
+                "with the clips as <audio_dir>/<video_name>.wav; View questions dropped)."})
+    audio_dir: str = field(default="", metadata={"help": "With dataset_format avqa: the folder of the extracted .wav clips."})
     dataset_split: str = field(default="train", metadata={"help": "Dataset split."})
     prompt_column: str = field(default="context_messages", metadata={
         "help": "Column holding the prompt: a string, or a list of chat messages (then chat templates apply)."})
@@ -164,15 +171,28 @@ def check_model_source(name: str, key: str, builtins: tuple) -> None:
 
 
 def load_prompts(run: RunArguments):
-    """(training dataset with a "prompt" column, held-out prompts: the split's last ``eval_prompts`` rows)."""
+    """(training dataset with a "prompt" column, held-out rows: the split's last ``eval_prompts`` rows)."""
     from datasets import Dataset, load_dataset
 
     from .tiny import FIRST_LETTER, first_letter_prompts
+    from .tiny_audio import AUDIO_PITCH, pitch_rows
 
+    if run.dataset_format not in ("hf", "avqa"):
+        raise ConfigError(f"dataset_format must be hf or avqa, got {run.dataset_format!r}")
     if run.dataset_name == FIRST_LETTER:
         dataset = Dataset.from_dict({"prompt": first_letter_prompts(run.num_prompts)})
+    elif run.dataset_name == AUDIO_PITCH:
+        dataset = Dataset.from_list(pitch_rows(run.num_prompts or 1024))
     elif run.dataset_name.startswith(BUILTIN):
-        raise ConfigError(f"Unknown built-in dataset_name {run.dataset_name!r}; built-ins: {FIRST_LETTER}")
+        raise ConfigError(f"Unknown built-in dataset_name {run.dataset_name!r}; built-ins: {FIRST_LETTER}, {AUDIO_PITCH}")
+    elif run.dataset_format == "avqa":
+        from .audio_data import load_avqa, question_rows
+
+        if not run.audio_dir:
+            raise ConfigError("dataset_format avqa needs audio_dir (the folder of the extracted .wav clips)")
+        dataset = Dataset.from_list(question_rows(load_avqa(run.dataset_name, run.audio_dir)))
+        if run.num_prompts:
+            dataset = dataset.select(range(min(run.num_prompts, len(dataset))))
     else:
         try:
             dataset = load_dataset(run.dataset_name, split=run.dataset_split)
@@ -189,32 +209,46 @@ def load_prompts(run: RunArguments):
     if run.eval_prompts >= len(dataset):
         raise ConfigError(f"eval_prompts ({run.eval_prompts}) must be smaller than the {len(dataset)} prompts")
     cut = len(dataset) - run.eval_prompts
-    return dataset.select(range(cut)), dataset["prompt"][cut:]
+    return dataset.select(range(cut)), [dataset[i] for i in range(cut, len(dataset))]
+
+
+def builtin_rewards() -> dict:
+    from .answers import accuracy_reward, format_reward
+    from .tiny import FIRST_LETTER, first_letter_reward
+    from .tiny_audio import AUDIO_PITCH, pitch_reward
+
+    return {FIRST_LETTER: [first_letter_reward], AUDIO_PITCH: [pitch_reward],
+            "builtin:answer-accuracy-format": [accuracy_reward, format_reward]}
 
 
 def reward_funcs(run: RunArguments) -> list:
-    from .tiny import FIRST_LETTER, first_letter_reward
-
-    return [first_letter_reward if run.reward_model == FIRST_LETTER else run.reward_model]
+    return builtin_rewards().get(run.reward_model, [run.reward_model])
 
 
-def heldout_rewards(trainer, prompts: list, seeds: list[int]):
-    """Reward of one sampled completion per (seed, prompt), shape ``(len(seeds) * len(prompts),)``: the trainer's
-    reward functions, weighted and summed as in training, on completions sampled like the training rollouts."""
+def heldout_rewards(trainer, rows: list[dict], seeds: list[int]):
+    """Reward of one sampled completion per (seed, row), shape ``(len(seeds) * len(rows),)``: the trainer's reward
+    functions (given the rows' columns), weighted and summed as in training, on completions sampled like the training
+    rollouts. Audio trainers encode each row's clip with its prompt."""
     import torch
     from transformers import GenerationConfig
 
-    model, tokenizer, args = trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, trainer.args
+    model, args = trainer.accelerator.unwrap_model(trainer.model), trainer.args
+    tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+    prompts = [row["prompt"] for row in rows]
     conversational = not isinstance(prompts[0], str)
-    if conversational:
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    if hasattr(trainer, "generation_inputs"):
+        encoded = trainer.generation_inputs(rows)
     else:
-        texts = prompts
-    encoded = tokenizer(text=texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    encoded = encoded.to(model.device)
+        if conversational:
+            texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        else:
+            texts = prompts
+        encoded = tokenizer(text=texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        encoded = encoded.to(model.device)
     generation = GenerationConfig(do_sample=True, max_new_tokens=args.max_completion_length, temperature=args.temperature,
                                   top_p=args.top_p, top_k=args.top_k, pad_token_id=tokenizer.pad_token_id,
-                                  eos_token_id=model.generation_config.eos_token_id)
+                                  eos_token_id=model.generation_config.eos_token_id,
+                                  suppress_tokens=getattr(getattr(trainer, "generation_config", None), "suppress_tokens", None))
     rewards, was_training = [], model.training
     model.eval()  # no dropout, and no gradient checkpointing (which would turn off the KV cache)
     devices = [model.device] if model.device.type == "cuda" else []
@@ -225,7 +259,7 @@ def heldout_rewards(trainer, prompts: list, seeds: list[int]):
         completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         if conversational:
             completions = [[{"role": "assistant", "content": c}] for c in completions]
-        per_func = trainer._calculate_rewards([{"prompt": p} for p in prompts], prompts, completions,
+        per_func = trainer._calculate_rewards([dict(row) for row in rows], prompts, completions,
                                               completion_ids.tolist())[: len(prompts)]
         rewards.append((per_func * trainer.reward_weights.to(per_func.device)).nansum(dim=1).cpu())
     model.train(was_training)
@@ -233,7 +267,14 @@ def heldout_rewards(trainer, prompts: list, seeds: list[int]):
 
 
 def train_one(method: str, run: RunArguments, trainer_cls, args, model_path: str, train_dataset, heldout: list) -> dict:
-    """Train one method; the held-out rewards before and after (paired over prompts and seeds) and its curve."""
+    """Train one method; the held-out rewards before and after (paired over prompts and seeds) and its curve. With
+    audio, also the held-out reward after training with each clip swapped for the next held-out row's: near or below
+    chance when the answers come from the audio."""
+    audio = "audio" in train_dataset.column_names
+    if audio:
+        from .audio_trainer import AudioADRPOGRPOTrainer, AudioGRPOTrainer
+
+        trainer_cls = AudioADRPOGRPOTrainer if method == "adrpo" else AudioGRPOTrainer
     trainer = trainer_cls(model=model_path, reward_funcs=reward_funcs(run), args=args, train_dataset=train_dataset)
     before = heldout_rewards(trainer, heldout, run.eval_seeds) if heldout else None
     start = time.time()
@@ -247,6 +288,11 @@ def train_one(method: str, run: RunArguments, trainer_cls, args, model_path: str
         print(f"adrpo-grpo [{method}]: held-out reward before {result['heldout_reward_before']:.4f} -> after "
               f"{result['heldout_reward_after']:.4f} (change {result['heldout_improvement']:+.4f} +- "
               f"{result['heldout_improvement_se']:.4f} SE, paired over {diff.numel()} prompt x seed samples)", flush=True)
+        if audio:
+            swapped = [{**row, "audio": heldout[(i + 1) % len(heldout)]["audio"]} for i, row in enumerate(heldout)]
+            result["heldout_reward_audio_swapped"] = heldout_rewards(trainer, swapped, run.eval_seeds).mean().item()
+            print(f"adrpo-grpo [{method}]: held-out reward with each clip swapped for another row's: "
+                  f"{result['heldout_reward_audio_swapped']:.4f}", flush=True)
     result["curve"] = [{"step": h["step"], "reward": h["reward"], "entropy": h["entropy"]}
                        for h in trainer.state.log_history if "reward" in h and "entropy" in h]
     trainer.save_model()
@@ -288,10 +334,11 @@ def main(argv=None) -> int:
             raise ConfigError(f"output_dir {output_dir} already holds files (another run?): choose another directory, "
                               "or pass --overwrite_output_dir true to train over them.")
         methods = ["adrpo", "grpo"] if run.compare_with_grpo else [run.method]
-        from .tiny import FIRST_LETTER, TINY_LM, tiny_lm_path
+        from .tiny import TINY_LM, tiny_lm_path
+        from .tiny_audio import TINY_OMNI, tiny_omni_path
 
-        check_model_source(run.model_name_or_path, "model_name_or_path", (TINY_LM,))
-        check_model_source(run.reward_model, "reward_model", (FIRST_LETTER,))
+        check_model_source(run.model_name_or_path, "model_name_or_path", (TINY_LM, TINY_OMNI))
+        check_model_source(run.reward_model, "reward_model", tuple(builtin_rewards()))
         configs = {m: trainer_args(m, trainer_kwargs, output_dir) for m in methods}
         import matplotlib  # noqa: F401  (the plot at the end)
 
@@ -303,7 +350,7 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(run.torch_num_threads)
-    model_path = tiny_lm_path() if run.model_name_or_path == TINY_LM else run.model_name_or_path
+    model_path = {TINY_LM: tiny_lm_path, TINY_OMNI: tiny_omni_path}.get(run.model_name_or_path, lambda: run.model_name_or_path)()
     results = [train_one(m, run, *configs[m], model_path, train_dataset, heldout) for m in methods]
     from accelerate import PartialState
 

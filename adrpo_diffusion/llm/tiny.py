@@ -13,7 +13,7 @@ import itertools
 import random
 from pathlib import Path
 
-from ..utils import cache_dir, replace_directory
+from ..utils import cached_build
 
 TINY_LM = "builtin:tiny-char-lm"
 FIRST_LETTER = "builtin:first-letter"
@@ -55,10 +55,7 @@ def build_tiny_lm(target: str | Path, seed: int = 0) -> Path:
 
 def tiny_lm_path() -> str:
     """The built-in tiny LM's directory in the cache (built once), loaded like any local model directory."""
-    target = cache_dir() / "tiny-char-lm"
-    if not (target / "tokenizer.json").is_file():  # built whole in a temporary directory, then renamed into place
-        replace_directory(target, build_tiny_lm)
-    return str(target)
+    return cached_build("tiny-char-lm", "tokenizer.json", build_tiny_lm)
 
 
 def first_letter_prompts(num_prompts: int = 0, seed: int = 0) -> list[str]:
