@@ -145,3 +145,117 @@ def test_training_learns_to_answer_from_the_audio(omni_dir, tmp_path):
     swapped_accuracy = heldout_rewards(trainer, swapped, [0, 1]).mean().item()
     assert before < 0.2 and accuracy > 0.5, (before, accuracy)
     assert swapped_accuracy < 0.3, swapped_accuracy
+
+
+def write_mmau(root, tasks):
+    """An MMAU-format file with one real wav clip (16 kHz, 0.5 s tone) per question."""
+    import soundfile
+
+    records = []
+    for i, (task, difficulty) in enumerate(tasks):
+        audio_id = f"./test-mini-audios/clip{i}.wav"
+        (root / "test-mini-audios").mkdir(parents=True, exist_ok=True)
+        t = np.arange(8000) / 16000
+        soundfile.write(str(root / audio_id), (0.3 * np.sin(2 * np.pi * (300 + 200 * i) * t)).astype(np.float32), 16000)
+        records.append({"id": f"q{i}", "audio_id": audio_id, "question": "Which instrument plays?",
+                        "choices": ["Piano", "Drums", "Flute"], "answer": "Drums", "task": task,
+                        "difficulty": difficulty, "sub-category": "Instrument", "category": "Music"})
+    path = root / "mmau-test-mini.json"
+    path.write_text(__import__("json").dumps(records))
+    return path
+
+
+def test_mmau_evaluation_end_to_end(tmp_path, monkeypatch, capsys):
+    """adrpo-audio-eval on an MMAU-format file with real wav files: the built-in tiny thinker answers every question
+    (greedy), unanswered items count as wrong, and the table's counts and accuracies follow the predictions."""
+    import json
+
+    from adrpo_diffusion.llm import audio_eval
+    from adrpo_diffusion.llm.answers import string_match
+
+    monkeypatch.setenv("ADRPO_CACHE", str(tmp_path / "cache"))
+    tasks = [("sound", "easy"), ("music", "hard"), ("music", "easy"), ("speech", "medium"), ("sound", "hard")]
+    mmau = write_mmau(tmp_path / "mmau", tasks)
+    out = tmp_path / "eval"
+    assert audio_eval.main(["--model", "builtin:tiny-omni-thinker", "--mmau_json", str(mmau), "--output_dir", str(out),
+                            "--batch_size", "2", "--max_new_tokens", "6", "--dtype", "float32"]) == 0
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == [f"q{i}" for i in range(5)]
+    for r in records:
+        assert r["correct"] == (r["answer"] is not None and string_match("Drums", r["answer"], ["Piano", "Drums", "Flute"]))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["questions"] == 5 and summary["unanswered"] == sum(r["answer"] is None for r in records)
+    assert summary["accuracy"] == sum(r["correct"] for r in records) / 5
+    by_task = {row["value"]: row["n"] for row in summary["table"] if row["group"] == "task"}
+    assert by_task == {"music": 2, "sound": 2, "speech": 1}
+    assert "| task | music | 2 |" in (out / "accuracy.md").read_text()
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_mmau_evaluation_names_a_missing_clip_before_loading(tmp_path, capsys):
+    from adrpo_diffusion.llm import audio_eval
+
+    mmau = write_mmau(tmp_path, [("sound", "easy"), ("music", "hard")])
+    (tmp_path / "test-mini-audios" / "clip1.wav").unlink()
+    assert audio_eval.main(["--model", "/nonexistent/model", "--mmau_json", str(mmau), "--output_dir",
+                            str(tmp_path / "o")]) == 2
+    assert "clip1.wav" in capsys.readouterr().err
+
+
+def test_demo_config_smoke(tmp_path, monkeypatch):
+    """configs/tiny_audio_cpu.yaml at a tiny budget: both methods train on the audio task, the summary carries the
+    held-out scores and the swapped-audio check."""
+    import json
+
+    from adrpo_diffusion.llm import cli
+
+    monkeypatch.setenv("ADRPO_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    assert cli.main(["--config", "configs/tiny_audio_cpu.yaml", "--output_dir", str(out), "--max_steps", "2",
+                     "--num_prompts", "40", "--eval_prompts", "8", "--eval_seeds", "0", "--torch_num_threads", "0"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["heldout_samples"] == 8
+    assert 0 <= summary["heldout_reward_audio_swapped"] <= 1 and "heldout_reward_audio_swapped" in summary["grpo"]
+
+
+def test_avqa_training_run(tmp_path, monkeypatch):
+    """adrpo-grpo on AVQA-format data (train_qa.json + extracted wav clips at 22.05 kHz, resampled) with the R1
+    accuracy and format rewards: one ADRPO step of LoRA adapters on the language model of the tiny thinker (the
+    reference: adapters off), and adrpo-audio-eval takes the saved adapter."""
+    import json
+
+    import soundfile
+
+    from adrpo_diffusion.llm import cli
+
+    monkeypatch.setenv("ADRPO_CACHE", str(tmp_path / "cache"))
+    records = []
+    for i in range(6):
+        t = np.arange(11025) / 22050
+        soundfile.write(str(tmp_path / f"video{i}.wav"), (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 22050)
+        records.append({"id": i, "video_name": f"video{i}", "video_id": i, "question_text": "What makes the sound?",
+                        "multi_choice": ["a dog", "a car", "a violin", "rain"], "answer": i % 4,
+                        "question_relation": "Both" if i else "View", "question_type": "Which"})
+    (tmp_path / "train_qa.json").write_text(json.dumps(records))
+    out = tmp_path / "run"
+    assert cli.main(["--model_name_or_path", "builtin:tiny-omni-thinker", "--dataset_name", str(tmp_path / "train_qa.json"),
+                     "--dataset_format", "avqa", "--audio_dir", str(tmp_path), "--reward_model",
+                     "builtin:answer-accuracy-format", "--eval_prompts", "1", "--eval_seeds", "0", "1", "--output_dir", str(out),
+                     "--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generations", "4",
+                     "--max_completion_length", "4", "--use_cpu", "true", "--bf16", "false", "--report_to", "none",
+                     "--save_strategy", "no", "--activation_checkpointing", "false", "--lora_rank", "4"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["heldout_samples"] == 2  # 1 held-out question x 2 seeds
+    adapter = json.loads((out / "adrpo" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and "audio_tower" in adapter["target_modules"]  # excluded by the pattern
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adrpo" / "adapter_model.safetensors"), "pt") as weights:
+        names = list(weights.keys())
+    assert names and all("language_model" in name for name in names)
+    from adrpo_diffusion.llm import audio_eval
+
+    mmau = write_mmau(tmp_path / "mmau", [("sound", "easy"), ("music", "hard")])
+    assert audio_eval.main(["--model", "builtin:tiny-omni-thinker", "--adapter", str(out / "adrpo"), "--mmau_json",
+                            str(mmau), "--output_dir", str(tmp_path / "eval"), "--max_new_tokens", "4",
+                            "--dtype", "float32"]) == 0

@@ -86,6 +86,39 @@ def suppress_in_lm_head(model, token_ids: list[int]) -> None:
     head.register_buffer("bias", bias, persistent=False)
 
 
+def load_audio_model(name_or_path: str, **kwargs):
+    """An audio-language model for text output. A full Qwen2.5-Omni checkpoint (thinker, talker, token2wav) gives its
+    thinker alone, loaded without the speech output (``enable_audio_output=False``); any other checkpoint loads as
+    TRL loads a model (the class its config names). ``kwargs`` go to ``from_pretrained`` (e.g. ``dtype``)."""
+    from transformers import AutoConfig
+
+    if AutoConfig.from_pretrained(name_or_path).model_type == "qwen2_5_omni":
+        from transformers import Qwen2_5OmniForConditionalGeneration
+
+        thinker = Qwen2_5OmniForConditionalGeneration.from_pretrained(name_or_path, enable_audio_output=False,
+                                                                      **kwargs).thinker
+        thinker.config._name_or_path = name_or_path  # where TRL and the evaluation find the processor
+        return thinker
+    return create_model_from_path(name_or_path, **kwargs)
+
+
+def encode_audio_prompts(processor, prompts: list, waveforms: list, **chat_template_kwargs):
+    """The processor's output for ``prompts`` (strings, or chat messages whose audio parts are ``{"type": "audio"}``)
+    and their clips (float arrays at the feature extractor's rate), left-padded: each audio placeholder expanded to
+    its clip's length, with ``input_features`` and ``feature_attention_mask``."""
+    if isinstance(prompts[0], str):
+        texts = prompts
+    else:
+        texts = [processor.apply_chat_template(p, tokenize=False, add_generation_prompt=True, **chat_template_kwargs)
+                 for p in prompts]
+    encoded = processor(text=texts, audio=waveforms, sampling_rate=processor.feature_extractor.sampling_rate,
+                        return_tensors="pt", padding=True, padding_side="left")
+    missing = [k for k in AUDIO_INPUTS if k not in encoded]
+    if missing:
+        raise RuntimeError(f"{type(processor).__name__} returned no {missing}: not an audio processor?")
+    return encoded
+
+
 @contextlib.contextmanager
 def extra_forward_kwargs(module: torch.nn.Module, extra: dict):
     """Within the block, every call of ``module`` also receives the keyword arguments ``extra``."""
@@ -109,9 +142,9 @@ class AudioGRPOMixin:
         if args:
             kwargs["model"], args = args[0], args[1:]
         model = kwargs["model"]
-        if isinstance(model, str):  # loaded here as TRL would, to reach its config before TRL's __init__ does
+        if isinstance(model, str):  # loaded here, to reach its config before TRL's __init__ does
             config = kwargs.get("args")
-            kwargs["model"] = model = create_model_from_path(model, **dict(getattr(config, "model_init_kwargs", None) or {}))
+            kwargs["model"] = model = load_audio_model(model, **dict(getattr(config, "model_init_kwargs", None) or {}))
         added = None
         if not hasattr(model.config, "image_token_id"):
             # TRL's __init__ reads config.image_token_id for suppress_tokens; an audio-only model (Qwen2-Audio) has
@@ -148,20 +181,9 @@ class AudioGRPOMixin:
         return output
 
     def encode(self, prompts: list, waveforms: list):
-        """The processor's output for ``prompts`` (strings or chat messages) and their clips, left-padded: each audio
-        placeholder expanded to its clip's length, ``input_features`` and ``feature_attention_mask`` added."""
-        processor = self.processing_class
-        if isinstance(prompts[0], str):
-            texts = prompts
-        else:
-            texts = [processor.apply_chat_template(p, tokenize=False, add_generation_prompt=True,
-                                                   **self.chat_template_kwargs) for p in prompts]
-        encoded = processor(text=texts, audio=waveforms, sampling_rate=self.sampling_rate, return_tensors="pt",
-                            padding=True, padding_side="left")
-        missing = [k for k in AUDIO_INPUTS if k not in encoded]
-        if missing:
-            raise RuntimeError(f"{type(processor).__name__} returned no {missing}: not an audio processor?")
-        return encoded.to(self.accelerator.device)
+        """:func:`encode_audio_prompts` with this trainer's processor and chat-template arguments, on its device."""
+        return encode_audio_prompts(self.processing_class, prompts, waveforms,
+                                    **self.chat_template_kwargs).to(self.accelerator.device)
 
     def generation_inputs(self, rows: list[dict]) -> dict:
         """``generate``'s inputs for dataset rows (their prompts and clips), as the training rollouts get them."""

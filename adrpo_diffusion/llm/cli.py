@@ -24,6 +24,7 @@ import yaml
 from ..utils import check_source
 
 BUILTIN = "builtin:"
+LORA_TARGETS = r"^(?!.*(audio_tower|visual|vision)).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
 
 @dataclass
@@ -51,6 +52,13 @@ class RunArguments:
     compare_with_grpo: bool = field(default=False, metadata={
         "help": "With method adrpo: then train TRL's GRPO (beta = beta0) from the same start, budget and seed, and "
                 "plot both."})
+    lora_rank: int = field(default=0, metadata={
+        "help": "LoRA rank of the adapters trained instead of the full model (0: full fine-tuning). With LoRA the "
+                "reference model is the policy with its adapters off (no second copy in memory)."})
+    lora_alpha: int = field(default=0, metadata={"help": "LoRA alpha (0: twice the rank)."})
+    lora_target_modules: str = field(default=LORA_TARGETS, metadata={
+        "help": "Regular expression (full match) of the module names that get LoRA adapters; the default: the "
+                "attention and MLP projections of the language model, not those of an audio or vision encoder."})
     eval_prompts: int = field(default=16, metadata={
         "help": "Held-out prompts: the last N rows of the (trimmed) split, never trained on (0: no check)."})
     eval_seeds: list[int] = field(default_factory=lambda: [1000, 1001], metadata={
@@ -140,6 +148,8 @@ def parse_args(argv=None) -> tuple[RunArguments, dict]:
         raise ConfigError(f"method must be adrpo or grpo, got {run.method!r}")
     if run.compare_with_grpo and run.method != "adrpo":
         raise ConfigError("compare_with_grpo needs method adrpo")
+    if run.lora_rank < 0 or run.lora_alpha < 0:
+        raise ConfigError(f"lora_rank and lora_alpha must be >= 0, got {run.lora_rank} and {run.lora_alpha}")
     return run, namespace
 
 
@@ -275,7 +285,14 @@ def train_one(method: str, run: RunArguments, trainer_cls, args, model_path: str
         from .audio_trainer import AudioADRPOGRPOTrainer, AudioGRPOTrainer
 
         trainer_cls = AudioADRPOGRPOTrainer if method == "adrpo" else AudioGRPOTrainer
-    trainer = trainer_cls(model=model_path, reward_funcs=reward_funcs(run), args=args, train_dataset=train_dataset)
+    peft_config = None
+    if run.lora_rank:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=run.lora_rank, lora_alpha=run.lora_alpha or 2 * run.lora_rank,
+                                 target_modules=run.lora_target_modules, task_type="CAUSAL_LM")
+    trainer = trainer_cls(model=model_path, reward_funcs=reward_funcs(run), args=args, train_dataset=train_dataset,
+                          peft_config=peft_config)
     before = heldout_rewards(trainer, heldout, run.eval_seeds) if heldout else None
     start = time.time()
     trainer.train()
