@@ -11,7 +11,12 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from adrpo_diffusion.llm import ADRPOGRPOConfig, audio_trainer  # noqa: E402
 from adrpo_diffusion.llm.audio_trainer import AudioADRPOGRPOTrainer, AudioGRPOTrainer, check_trl_signatures  # noqa: E402
-from adrpo_diffusion.llm.tiny_audio import build_tiny_omni, pitch_reward, pitch_rows  # noqa: E402
+from adrpo_diffusion.llm.tiny_audio import (  # noqa: E402
+    build_tiny_omni,
+    build_tiny_qwen2_audio,
+    pitch_reward,
+    pitch_rows,
+)
 
 BETA0 = 0.04
 
@@ -29,12 +34,18 @@ def make_trainer(cls, config_cls, model_dir, out_dir, rows, **kwargs):
     return trainer
 
 
-@pytest.fixture(scope="module")
-def trainers(omni_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["qwen2.5-omni-thinker", "qwen2-audio"])
+def trainers(request, omni_dir, tmp_path_factory):
+    """(audio ADRPO with beta0 = 0.04, audio GRPO with beta = 0.04) on a tiny Qwen2.5-Omni thinker, or on a tiny
+    Qwen2-Audio (whose config has no image token, which TRL's __init__ reads)."""
+    if request.param == "qwen2-audio":
+        model_dir = str(build_tiny_qwen2_audio(tmp_path_factory.mktemp("tiny-qwen2-audio")))
+    else:
+        model_dir = omni_dir
     out, rows = tmp_path_factory.mktemp("out"), pitch_rows(4)
-    adrpo = make_trainer(AudioADRPOGRPOTrainer, ADRPOGRPOConfig, omni_dir, out, rows, beta0=BETA0,
+    adrpo = make_trainer(AudioADRPOGRPOTrainer, ADRPOGRPOConfig, model_dir, out, rows, beta0=BETA0,
                          advantage_min=-0.04, advantage_max=0.04)
-    grpo = make_trainer(AudioGRPOTrainer, GRPOConfig, omni_dir, out, rows, beta=BETA0)
+    grpo = make_trainer(AudioGRPOTrainer, GRPOConfig, model_dir, out, rows, beta=BETA0)
     return adrpo, grpo
 
 
@@ -105,8 +116,10 @@ def test_placeholder_tokens_are_out_of_the_trained_distribution(trainers):
     trainer, _ = trainers
     model = trainer.accelerator.unwrap_model(trainer.model)
     tokenizer = trainer.processing_class.tokenizer
-    assert trainer.suppressed_tokens == sorted([tokenizer.audio_token_id, tokenizer.image_token_id,
-                                                tokenizer.video_token_id])
+    placeholders = [tokenizer.audio_token_id]
+    if hasattr(model.config, "image_token_id"):  # the Omni thinker's; Qwen2-Audio has only the audio token
+        placeholders += [tokenizer.image_token_id, tokenizer.video_token_id]
+    assert trainer.suppressed_tokens == sorted(placeholders)
     assert trainer.generation_config.suppress_tokens == trainer.suppressed_tokens
     ids = torch.tensor([[1, 10, 11]])
     with torch.no_grad():
@@ -259,3 +272,14 @@ def test_avqa_training_run(tmp_path, monkeypatch):
     assert audio_eval.main(["--model", "builtin:tiny-omni-thinker", "--adapter", str(out / "adrpo"), "--mmau_json",
                             str(mmau), "--output_dir", str(tmp_path / "eval"), "--max_new_tokens", "4",
                             "--dtype", "float32"]) == 0
+
+
+@pytest.mark.parametrize("config", ["configs/qwen2.5_omni_7b_avqa.yaml", "configs/qwen2_audio_7b_avqa.yaml"])
+def test_paper_audio_configs_parse_and_name_the_missing_model_offline(config, tmp_path, capsys):
+    from adrpo_diffusion.llm import cli
+
+    run, trainer_kwargs = cli.parse_args(["--config", config])
+    assert (run.dataset_format, run.reward_model, run.lora_rank) == ("avqa", "builtin:answer-accuracy-format", 64)
+    assert (trainer_kwargs["beta0"], trainer_kwargs["advantage_min"], trainer_kwargs["advantage_max"]) == (0.04, -0.04, 0.04)
+    assert cli.main(["--config", config, "--output_dir", str(tmp_path / "out")]) == 2
+    assert run.model_name_or_path in capsys.readouterr().err

@@ -85,6 +85,33 @@ def build_tiny_omni(target: str | Path, seed: int = 0) -> Path:
     return Path(target)
 
 
+def build_tiny_qwen2_audio(target: str | Path, seed: int = 0) -> Path:
+    """Save a randomly initialised Qwen2-Audio (Whisper-style encoder over 30 s of 16 mel bands, 2-layer Qwen2) with
+    a ``Qwen2AudioProcessor`` of the same tokenizer and chat template into ``target`` (the audio-only model: no
+    image token in its config)."""
+    import torch
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor, WhisperFeatureExtractor
+
+    tokenizer = tiny_omni_processor().tokenizer
+    extractor = WhisperFeatureExtractor(feature_size=16, sampling_rate=SAMPLING_RATE, hop_length=160, chunk_length=30,
+                                        n_fft=400)
+    processor = Qwen2AudioProcessor(feature_extractor=extractor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    config = Qwen2AudioConfig(
+        audio_config=dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=16,
+                          max_source_positions=1500),
+        text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id),
+        audio_token_id=tokenizer.audio_token_id)
+    torch.manual_seed(seed)
+    model = Qwen2AudioForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(target)
+    processor.save_pretrained(target)
+    return Path(target)
+
+
 def tiny_omni_path() -> str:
     """The built-in tiny Omni thinker's directory in the cache (built once, whole, then renamed into place)."""
     return cached_build("tiny-omni-thinker", "processor_config.json", build_tiny_omni)
