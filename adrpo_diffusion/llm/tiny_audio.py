@@ -53,10 +53,23 @@ def tiny_omni_processor():
                                 feature_extractor=extractor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 
+def _save(target, model_class, config, processor, seed: int) -> Path:
+    """A model of ``model_class`` randomly initialised from ``seed``, generating with the processor's pad and end
+    tokens, saved with ``processor`` into ``target``."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_class(config)
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.save_pretrained(target)
+    processor.save_pretrained(target)
+    return Path(target)
+
+
 def build_tiny_omni(target: str | Path, seed: int = 0) -> Path:
     """Save a randomly initialised Qwen2.5-Omni thinker (audio encoder, a one-block vision encoder, a 2-layer text
     model with multimodal RoPE; about 54k parameters) and its processor into ``target``."""
-    import torch
     from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
     processor = tiny_omni_processor()
@@ -76,20 +89,13 @@ def build_tiny_omni(target: str | Path, seed: int = 0) -> Path:
         audio_end_token_id=ids("<|audio_eos|>"), vision_start_token_id=ids("<|vision_bos|>"),
         vision_end_token_id=ids("<|vision_eos|>"),
     )
-    torch.manual_seed(seed)
-    model = Qwen2_5OmniThinkerForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(target)
-    processor.save_pretrained(target)
-    return Path(target)
+    return _save(target, Qwen2_5OmniThinkerForConditionalGeneration, config, processor, seed)
 
 
 def build_tiny_qwen2_audio(target: str | Path, seed: int = 0) -> Path:
     """Save a randomly initialised Qwen2-Audio (Whisper-style encoder over 30 s of 16 mel bands, 2-layer Qwen2) with
     a ``Qwen2AudioProcessor`` of the same tokenizer and chat template into ``target`` (the audio-only model: no
     image token in its config)."""
-    import torch
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor, WhisperFeatureExtractor
 
     tokenizer = tiny_omni_processor().tokenizer
@@ -103,13 +109,7 @@ def build_tiny_qwen2_audio(target: str | Path, seed: int = 0) -> Path:
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id),
         audio_token_id=tokenizer.audio_token_id)
-    torch.manual_seed(seed)
-    model = Qwen2AudioForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(target)
-    processor.save_pretrained(target)
-    return Path(target)
+    return _save(target, Qwen2AudioForConditionalGeneration, config, processor, seed)
 
 
 def tiny_omni_path() -> str:
