@@ -171,8 +171,12 @@ class AudioGRPOMixin:
         self.generation_config.suppress_tokens = self.suppressed_tokens
         self.generation_kwargs["suppress_tokens"] = self.suppressed_tokens
 
+    def _waveforms(self, rows: list[dict]) -> list:
+        """Each row's clip at the feature extractor's rate."""
+        return [load_waveform(row[self.audio_column], self.sampling_rate) for row in rows]
+
     def _generate_and_score_completions(self, inputs):
-        self._pending_audio = [load_waveform(row[self.audio_column], self.sampling_rate) for row in inputs]
+        self._pending_audio = self._waveforms(inputs)
         try:
             output = super()._generate_and_score_completions(inputs)
             output.update(self._audio_rows)
@@ -187,8 +191,7 @@ class AudioGRPOMixin:
 
     def generation_inputs(self, rows: list[dict]) -> dict:
         """``generate``'s inputs for dataset rows (their prompts and clips), as the training rollouts get them."""
-        waveforms = [load_waveform(row[self.audio_column], self.sampling_rate) for row in rows]
-        return dict(self.encode([row["prompt"] for row in rows], waveforms))
+        return dict(self.encode([row["prompt"] for row in rows], self._waveforms(rows)))
 
     def _tokenize_prompts(self, prompts: list):
         if self._pending_audio is None or len(self._pending_audio) != len(prompts):

@@ -367,7 +367,9 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(run.torch_num_threads)
-    model_path = {TINY_LM: tiny_lm_path, TINY_OMNI: tiny_omni_path}.get(run.model_name_or_path, lambda: run.model_name_or_path)()
+    builtin_models = {TINY_LM: tiny_lm_path, TINY_OMNI: tiny_omni_path}
+    name = run.model_name_or_path
+    model_path = builtin_models[name]() if name in builtin_models else name
     results = [train_one(m, run, *configs[m], model_path, train_dataset, heldout) for m in methods]
     from accelerate import PartialState
 
