@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import gc
 import json
 import re
 import statistics
@@ -44,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from .benchmark import (
+from .benchmark_models import (
     CLIP_BIGG,
     CLIP_L,
     PEAK_BF16_TFLOPS,
@@ -206,10 +205,12 @@ def prepare_models(arch: str, t5: bool, directory: Path) -> float | None:
 
 # ---------------------------------------------------------------------------------------------------- one variant
 def free_memory() -> None:
-    torch._dynamo.reset()  # compiled graphs hold the compiled transformer
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    """diffusers' ``free_memory`` (garbage collection, the accelerator's cache emptied) after dropping compiled graphs,
+    which hold the compiled transformer."""
+    from diffusers.training_utils import free_memory as collect
+
+    torch._dynamo.reset()
+    collect()
 
 
 def reset_peak() -> None:

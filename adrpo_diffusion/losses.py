@@ -12,11 +12,13 @@ elements of sample i.
 
 Time/sign convention (README, "Conventions"): with data ``x1``, noise ``x0`` and ``sigma = 1 - t``,
 diffusers' input is ``x_sigma = (1 - sigma) x1 + sigma x0`` and its velocity target is ``x0 - x1 = -u_t``;
-:func:`flow_matching_pair` builds exactly that (the timestep each family's transformer is given at ``sigma`` is
+:func:`flow_sample` builds exactly that (the timestep each family's transformer is given at ``sigma`` is
 the family's business: SD3 ``1000 sigma``, see :mod:`adrpo_diffusion.families`).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -162,19 +164,26 @@ def clipped_ratio_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advan
     return torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range))
 
 
-def flow_matching_pair(
-    x1: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+class FlowSample(NamedTuple):
+    """One flow-matching regression point: the transformer's input ``x_sigma``, its noise level ``sigma`` ``(N,)``
+    and the velocity ``target``."""
+
+    x_sigma: torch.Tensor
+    sigma: torch.Tensor
+    target: torch.Tensor
+
+
+def flow_sample(x1: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> FlowSample:
     """Input, noise level and target of one flow-matching regression in diffusers' rectified-flow convention.
 
     Paper: ``x_t = (1 - t) x0 + t x1`` with ``u_t = x1 - x0``. diffusers (SD3, FLUX.1, SANA): ``sigma = 1 - t``,
-    returns ``(x_sigma = (1 - sigma) x1 + sigma x0, sigma, target = x0 - x1 = -u_t)``. Each model family maps
-    ``sigma`` to its transformer's timestep (:meth:`adrpo_diffusion.families.base.ModelFamily.timestep`).
+    ``x_sigma = (1 - sigma) x1 + sigma x0``, ``target = x0 - x1 = -u_t``. Each model family maps ``sigma`` to its
+    transformer's timestep (:meth:`adrpo_diffusion.families.base.ModelFamily.timestep`).
     """
     sigma = (1.0 - t).to(x1.dtype)
     sigma_b = sigma.view(-1, *([1] * (x1.ndim - 1)))
     x_sigma = (1.0 - sigma_b) * x1 + sigma_b * noise
-    return x_sigma, sigma, noise - x1
+    return FlowSample(x_sigma, sigma, noise - x1)
 
 
 TIME_SAMPLING = ("uniform", "logit_normal", "sampler")

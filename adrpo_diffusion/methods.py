@@ -70,7 +70,7 @@ class TrainingPlan:
 
 @dataclass
 class FlowBatch:
-    """One micro-batch of the regression in diffusers' convention (:func:`.losses.flow_matching_pair`): the clean
+    """One micro-batch of the regression in diffusers' convention (:func:`.losses.flow_sample`): the clean
     rollout latents ``x_data``, the input ``x_sigma = (1 - sigma) x_data + sigma noise`` at noise levels ``sigma``
     ``(N,)``, the target ``noise - x_data``, the policy's velocity ``v_theta`` (with gradient), and ``anchors``: the
     plan's other velocities by name (``reference``, ``old``, ``ema``), without gradient."""

@@ -43,7 +43,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .families import AdapterCopies, MergedLoRA, ModelFamily, adapters_off, check_model_source, load_family
 from .faults import NonFiniteLossError, ProcessLost, RewardFailed, StopRequest, TrainingStopped, write_failed
-from .losses import flow_matching_pair, sample_times
+from .losses import flow_sample, sample_times
 from .methods import FlowBatch, Method, build_method, plan_on_finite_groups
 from .prompts import PromptSampler, split_prompts
 from .scorers import build_reward, check_reward, check_reward_sources
@@ -101,11 +101,11 @@ def eval_prompt_indices(num_prompts: int, count: int) -> list[int]:
 
 def micro_batch_loss(method: Method, family: ModelFamily, model, anchors: dict, x1, noise, t, cond, values):
     """The loss of one micro-batch: ``(x_sigma, sigma, target)`` from the rollout latents, noise and t
-    (:func:`.losses.flow_matching_pair`) and the family's timestep at ``sigma``; each anchor's velocity
+    (:func:`.losses.flow_sample`) and the family's timestep at ``sigma``; each anchor's velocity
     ``anchors[name](x_sigma, timestep, cond)`` (:meth:`ModelFamily.reference`: the base with adapters off, or a copy
     of the policy; no gradient); ``v_theta`` from the policy ``model``; then the method's loss on that
     :class:`.methods.FlowBatch`. Returns ``(loss, parts)``."""
-    x_sigma, sigma, target = flow_matching_pair(x1, noise, t)
+    x_sigma, sigma, target = flow_sample(x1, noise, t)
     timestep = family.timestep(sigma)
     velocities = {name: anchor(x_sigma, timestep, cond) for name, anchor in anchors.items()}
     v_theta = family.velocity(model, x_sigma, timestep, cond)

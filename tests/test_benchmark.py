@@ -3,7 +3,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from adrpo_diffusion.benchmark import markdown, transformer_flops
+from adrpo_diffusion.benchmark import markdown
+from adrpo_diffusion.benchmark_models import transformer_flops
 
 
 @pytest.mark.parametrize("dual", [(), (0,)])

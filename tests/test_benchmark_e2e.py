@@ -6,8 +6,9 @@ from types import SimpleNamespace
 import pytest
 from transformers import CLIPTokenizer
 
-from adrpo_diffusion.benchmark import main, transformer_flops
+from adrpo_diffusion.benchmark import main
 from adrpo_diffusion.benchmark_e2e import ARCHS, Variant, parse_variant
+from adrpo_diffusion.benchmark_models import transformer_flops
 
 VARIANT_FIELDS = {"name", "overrides", "images_per_step", "rollout_forwards_per_image", "image_tokens", "text_tokens",
                   "forward_gflops_per_image", "first_step_seconds", "steady_seconds", "steady_steps",

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from adrpo_diffusion.config import load_config
 from adrpo_diffusion.families import FAMILIES, load_family
-from adrpo_diffusion.losses import per_sample_mse
+from adrpo_diffusion.losses import flow_sample, per_sample_mse
 from adrpo_diffusion.trainer import Trainer
 
 BUILTIN = {"sd3": "builtin:tiny-sd3", "flux": "builtin:tiny-flux", "sana": "builtin:tiny-sana"}
@@ -51,7 +51,8 @@ def _scheduler_error_after_fm_training(family, sign: float, steps: int = 60) -> 
     cond = family.encode_prompts(["a red square", "a blue circle"], "cpu", torch.float32, 8).select([0, 1], "cpu",
                                                                                                     torch.float32)
     t = torch.tensor([0.4, 0.4])
-    x_sigma, timestep, target = family.flow_matching_pair(x1, noise, t)
+    x_sigma, sigma, target = flow_sample(x1, noise, t)
+    timestep = family.timestep(sigma)
 
     def error():
         with torch.no_grad():

@@ -6,7 +6,7 @@ from adrpo_diffusion.losses import (
     adrpo_fm_loss,
     flow_dpo_loss,
     flow_dpo_margins,
-    flow_matching_pair,
+    flow_sample,
     per_sample_mse,
     sample_times,
     weighted_fm_w2_loss,
@@ -87,11 +87,13 @@ def test_flow_dpo_loss_by_hand():
     assert loss.item() == pytest.approx(np.log(2)) and v_w.grad.item() > 0  # descent moves v_w towards 0
 
 
-def test_flow_matching_pair_follows_diffusers_convention():
+def test_flow_sample_follows_diffusers_convention():
     """The pure tensor part; each family's timestep and a check against its scheduler are in test_families.py."""
     x1, noise = _rand(3, 2, 4, 4, seed=1), _rand(3, 2, 4, 4, seed=2)
     t = torch.tensor([1.0, 0.0, 0.25], dtype=torch.float64)
-    x_sigma, sigma, target = flow_matching_pair(x1, noise, t)
+    sample = flow_sample(x1, noise, t)
+    x_sigma, sigma, target = sample
+    assert sample.x_sigma is x_sigma and sample.sigma is sigma and sample.target is target
     assert torch.allclose(x_sigma[0], x1[0]) and torch.allclose(x_sigma[1], noise[1])  # t=1 data, t=0 noise
     assert torch.allclose(x_sigma[2], 0.25 * x1[2] + 0.75 * noise[2])  # paper: (1-t) x0 + t x1
     assert torch.allclose(sigma, torch.tensor([0.0, 1.0, 0.75], dtype=torch.float64))

@@ -10,7 +10,6 @@ image that looks done, and a rerun generates only what is missing (or what was m
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -148,12 +147,6 @@ def load_lora_checked(pipe, directory: str, base: str, adapter_name: str = "eval
                                 f"of {base}. {hint}")
 
 
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _record_path(root: Path, record: ImageRecord) -> Path:
     return root / Path(record.path).with_suffix(".json")
 
@@ -171,6 +164,8 @@ def _done(root: Path, record: ImageRecord, settings: dict) -> bool:
 
 def generate_images(cfg: EvalConfig, prompts: list[PromptEntry], root: Path) -> list[ImageRecord]:
     """Every model's images under ``root`` (missing ones generated); returns the records of all of them."""
+    from diffusers.training_utils import free_memory  # gc, and the accelerator's cache emptied
+
     device, dtype = cfg.resolved_device(), cfg.resolved_dtype()
     records = []
     for model in cfg.models:

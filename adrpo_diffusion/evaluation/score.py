@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..scorers import build_scorer
 from ..scorers.diversity import clip_diversity
 from .config import EvalConfig, clipdiversity_variant, metric_scorer
-from .generate import ImageRecord, file_sha1, free_memory, write_atomic
+from .generate import ImageRecord, file_sha1, write_atomic
 
 
 @dataclass
@@ -87,6 +87,8 @@ def _build(cfg: EvalConfig, name: str, options: dict):
 def score_images(cfg: EvalConfig, metric: str, records: list[ImageRecord], root: Path, hashes: dict,
                  failed: dict) -> dict:
     """Per-image scores ``{path: score}`` of a prompt-conditioned (or not) scorer metric."""
+    from diffusers.training_utils import free_memory  # gc, and the accelerator's cache emptied
+
     name, options = metric_scorer(metric, cfg.metric_options.get(metric, {}))
     file_name = re.sub(r"[^\w.+-]", "_", metric)  # a custom reward's name holds ':' and maybe '/'
     cache = ScoreCache(Path(cfg.output_dir) / "scores" / f"{file_name}.json", {"scorer": name, "options": options})
@@ -106,6 +108,8 @@ def score_images(cfg: EvalConfig, metric: str, records: list[ImageRecord], root:
 
 def score_diversity(cfg: EvalConfig, records: list[ImageRecord], root: Path, hashes: dict, failed: dict) -> dict:
     """ClipDiversity ``{group: value}`` of each (model, seed, prompt) group with at least two readable images."""
+    from diffusers.training_utils import free_memory  # gc, and the accelerator's cache emptied
+
     name, options = metric_scorer("clipdiversity", cfg.metric_options.get("clipdiversity", {}))
     variant = clipdiversity_variant(cfg.metric_options.get("clipdiversity", {}))
     cache = ScoreCache(Path(cfg.output_dir) / "scores" / "clipdiversity.json",

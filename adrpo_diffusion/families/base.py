@@ -12,7 +12,7 @@ unpacked where the family packs (FLUX). Packing, position ids and masks happen i
 
 Time and sign. All three families follow rectified flow in diffusers' convention: with the paper's ``t`` (``t = 1``
 data), ``sigma = 1 - t``, the transformer input ``x_sigma = (1 - sigma) x1 + sigma x0`` and the target
-``x0 - x1 = -u_t`` (:func:`adrpo_diffusion.losses.flow_matching_pair`). They differ in the timestep the
+``x0 - x1 = -u_t`` (:func:`adrpo_diffusion.losses.flow_sample`). They differ in the timestep the
 transformer is given (:meth:`ModelFamily.timestep`), stated in each family's docstring.
 """
 
@@ -28,7 +28,6 @@ from typing import ClassVar
 
 import torch
 
-from ..losses import flow_matching_pair
 from ..utils import umask_permissions
 
 
@@ -371,12 +370,6 @@ class ModelFamily:
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The transformer's ``timestep`` argument at noise level ``sigma``."""
         raise NotImplementedError
-
-    def flow_matching_pair(self, x1: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
-        """``(x_sigma, timestep, target)`` of one flow-matching regression from data ``x1``, noise and the paper's
-        ``t``: ``sigma = 1 - t``, ``x_sigma = (1 - sigma) x1 + sigma noise``, ``target = noise - x1``."""
-        x_sigma, sigma, target = flow_matching_pair(x1, noise, t)
-        return x_sigma, self.timestep(sigma), target
 
     def velocity(self, transformer, latents: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:
         """``transformer``'s velocity (``(N, C, h, w)``, like ``latents``) for the prompt tensors ``cond`` (a

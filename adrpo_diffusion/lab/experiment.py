@@ -210,12 +210,13 @@ class HeldoutProbe:
         return x1, trainer.family.decode(x1, cfg.rollout_batch_size)
 
     def _w2_divergence(self, trainer) -> float:
-        from ..losses import per_sample_mse
+        from ..losses import flow_sample, per_sample_mse
 
         x1, noise, t, rows = self.w2_inputs
         family = trainer.family
         cond = trainer.cache.select(rows, x1.device, x1.dtype)
-        x_sigma, timestep, _ = family.flow_matching_pair(x1, noise, t)
+        x_sigma, sigma, _ = flow_sample(x1, noise, t)
+        timestep = family.timestep(sigma)
         model = trainer.accelerator.unwrap_model(trainer.model)
         with torch.no_grad():
             v_theta = family.velocity(model, x_sigma, timestep, cond)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import register_scorer
 from .base import Scorer
 from .clip import DEFAULT_CLIP
 from .loading import from_pretrained, resolve_file
+from .registry import register_scorer
 
 # A hub mirror of the GitHub release file (the GitHub repository is not a hub repo).
 CHECKPOINT_REPO = "camenduru/improved-aesthetic-predictor"

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import register_scorer
 from .base import Scorer
 from .loading import resolve_file
+from .registry import register_scorer
 
 IMAGEREWARD_MEAN = 0.16717362830052426
 IMAGEREWARD_STD = 1.0333394966054072

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from . import register_scorer
 from .base import Scorer, to_image_tensor
 from .loading import from_pretrained
+from .registry import register_scorer
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 

@@ -7,8 +7,8 @@ import re
 import torch
 
 from ..tasks.shapes import COLOURS as SHAPES_PALETTE
-from . import register_scorer
 from .base import Scorer
+from .registry import register_scorer
 
 # red, green, blue and yellow are exactly the colours the shapes task paints (so climbing this reward on shapes
 # captions moves the pixels towards the data's colours, not away from them)

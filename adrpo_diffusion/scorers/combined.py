@@ -18,8 +18,9 @@ from collections.abc import Mapping
 import torch
 
 from ..utils import did_you_mean
-from . import available_scorers, build_scorer, check_scorer, check_scorer_sources, is_custom, unknown_scorer
 from .base import to_image_tensor
+from .custom import is_custom
+from .registry import available_scorers, build_scorer, check_scorer, check_scorer_sources, unknown_scorer
 
 EXAMPLE = "{pickscore: 1.0, clip: 0.5}"
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import register_scorer
 from .base import Scorer
 from .loading import resolve_file
+from .registry import register_scorer
 
 CHECKPOINT_REPO = "xswu/HPSv2"
 CHECKPOINT_FILE = "HPS_v2.1_compressed.pt"

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from . import register_scorer
 from .clip import ClipScorer
 from .loading import from_pretrained
+from .registry import register_scorer
 
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 
 from ..tasks.shapes import BACKGROUND, COLOURS, POSITION_LIMIT, SHAPES, SKILLS, CaptionError, parse_caption
-from . import register_scorer
 from .base import Scorer, to_image_tensor
+from .registry import register_scorer
 
 COLOUR_RADIUS = 0.3
 COLOUR_SOFTNESS = 0.15

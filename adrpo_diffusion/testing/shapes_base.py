@@ -89,7 +89,7 @@ def pretrain_transformer(pipe, steps: int = PRETRAIN_STEPS, batch_size: int = BA
     """Flow-matching pre-training of ``pipe.transformer`` on shapes (module docstring); returns the loss of every
     step. The VAE and the text encoders stay frozen."""
     from ..families.sd3 import SD3Family
-    from ..losses import sample_times
+    from ..losses import flow_sample, sample_times
 
     family = SD3Family(pipe)
     generator = torch.Generator().manual_seed(seed)
@@ -108,8 +108,9 @@ def pretrain_transformer(pipe, steps: int = PRETRAIN_STEPS, batch_size: int = BA
         x1 = bank[rows]
         noise = torch.randn(x1.shape, generator=generator)
         t = sample_times(batch_size, time_sampling, generator=generator)[0]
-        x_sigma, timestep, target = family.flow_matching_pair(x1, noise, t)
-        v = family.velocity(transformer, x_sigma, timestep, cache.select(caption_index[rows].tolist(), "cpu", torch.float32))
+        x_sigma, sigma, target = flow_sample(x1, noise, t)
+        cond = cache.select(caption_index[rows].tolist(), "cpu", torch.float32)
+        v = family.velocity(transformer, x_sigma, family.timestep(sigma), cond)
         loss = (v - target).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
