@@ -9,6 +9,8 @@ under a temporary name and renamed, so a cached entry is always complete.
     builtin:tiny-flux         a tiny FLUX.1-dev-style pipeline (guidance-distilled transformer, packed latents)
     builtin:tiny-sana         a tiny SANA pipeline (DC-AE, Gemma-2 text encoder)
     builtin:tiny-scorers/<path>   a tiny random asset of the evaluation scorers (CLIP, PickScore, BLIP, ...)
+    builtin:tiny-char-lm      a tiny Qwen2 causal LM for the first-letter task (adrpo-grpo's offline demo)
+    builtin:tiny-omni-thinker a tiny Qwen2.5-Omni thinker for the pitch task (adrpo-grpo's offline audio demo)
 
 The tiny SD3 models have no T5 encoder, so loading their directory directly needs the two absent components passed
 as None, as for SD3 without T5 (the SD3 family does this itself)::
@@ -29,6 +31,10 @@ MODELS = {  # name -> (builder, how long a build takes on a CPU)
     "tiny-sd3-shapes": ("adrpo_diffusion.testing.shapes_base:build_tiny_sd3_shapes", "about 5 minutes"),
     "tiny-flux": ("adrpo_diffusion.testing.tiny_pipelines:build_tiny_flux", "about 20 s"),
     "tiny-sana": ("adrpo_diffusion.testing.tiny_pipelines:build_tiny_sana", "about 10 s"),
+}
+LANGUAGE_MODELS = {  # transformers models, for adrpo-grpo and adrpo-audio-eval
+    "tiny-char-lm": ("adrpo_diffusion.testing.tiny_language_models:build_tiny_lm", "about a second"),
+    "tiny-omni-thinker": ("adrpo_diffusion.testing.tiny_language_models:build_tiny_omni", "a few seconds"),
 }
 ASSETS = {"tiny-scorers": ("adrpo_diffusion.testing.tiny_scorers:build_tiny_scorer_assets", "about a second")}
 # The cache directory of a built-in whose recipe changed carries its revision (``tiny-sd3-shapes.r2``): a cache
@@ -65,6 +71,18 @@ def resolve_model(name_or_path: str) -> str:
     if name not in MODELS:
         raise ValueError(f"Unknown built-in model {name_or_path!r}; the built-in models are {', '.join(model_names())}.")
     return str(_build(name, MODELS[name]))
+
+
+def resolve_language_model(name_or_path: str) -> str:
+    """A ``builtin:`` language model name (:data:`LANGUAGE_MODELS`) -> its directory in the cache (built on first
+    use); anything else unchanged."""
+    if not is_builtin(name_or_path):
+        return name_or_path
+    name = name_or_path.removeprefix(PREFIX)
+    if name not in LANGUAGE_MODELS:
+        raise ValueError(f"Unknown built-in language model {name_or_path!r}; the built-ins are "
+                         f"{', '.join(PREFIX + n for n in LANGUAGE_MODELS)}.")
+    return str(_build(name, LANGUAGE_MODELS[name]))
 
 
 def resolve_asset(value: str) -> Path:

@@ -23,10 +23,12 @@ import pickle
 import shutil
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from .callbacks import HeldoutCheck, SampleGrids, TrainerCallback
 from .checkpoint import (
     CheckpointError,
     check_rng_state,
@@ -47,7 +49,7 @@ from .losses import flow_sample, sample_times
 from .methods import FlowBatch, Method, build_method, plan_on_finite_groups
 from .prompts import PromptSampler, split_prompts
 from .scorers import build_reward, check_reward, check_reward_sources
-from .utils import image_grid, mean_and_se
+from .utils import image_grid
 
 
 def _collective_failure(err: RuntimeError) -> bool:
@@ -78,21 +80,6 @@ def _flat_config(cfg: TrainConfig) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in dataclasses.asdict(cfg).items()}
 
 
-def _paired_change(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
-    """Means before and after, and the mean of the paired change with its standard error, over the pairs where
-    both are defined (a diagnostic is NaN where it does not apply)."""
-    keep = before.isfinite() & after.isfinite()
-    before, after = before[keep], after[keep]
-    improvement, se = mean_and_se(after - before)
-    return {"before": before.mean().item(), "after": after.mean().item(), "improvement": improvement,
-            "improvement_se": float("nan") if se is None else se}
-
-
-def _change_line(change: dict[str, float]) -> str:
-    return (f"before {change['before']:.4f} -> after {change['after']:.4f} (change {change['improvement']:+.4f} +- "
-            f"{change['improvement_se']:.4f} SE, paired)")
-
-
 def eval_prompt_indices(num_prompts: int, count: int) -> list[int]:
     """A fixed, evenly spread subset of the prompt list for held-out evaluation."""
     count = min(count, num_prompts)
@@ -113,9 +100,25 @@ def micro_batch_loss(method: Method, family: ModelFamily, model, anchors: dict, 
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    """``Trainer(cfg, callbacks=[...]).train()``: the input checks, then the accelerator, the models and the
+    optimizer, then a new run or the resumed one, each in its own method below; :meth:`train` is Algorithm 1.
+    ``callbacks`` (:mod:`.callbacks`) run after the trainer's own: the held-out check (``eval_prompts`` > 0) and the
+    sample grids (``sample_every`` > 0)."""
+
+    def __init__(self, cfg: TrainConfig, *, callbacks: Sequence[TrainerCallback] = ()):
         self.cfg = cfg
-        # Everything that can fail without a model, first.
+        self.callbacks = [*([HeldoutCheck()] if cfg.eval_prompts else []), *([SampleGrids()] if cfg.sample_every else []),
+                          *callbacks]
+        optimizer_cls, previous_run = self._check_inputs()
+        self._start_accelerator()
+        self._load_models()
+        self._build_optimizer(optimizer_cls)
+        self._start_or_resume(previous_run)
+
+    def _check_inputs(self) -> tuple[type, list[Path]]:
+        """Everything that can fail without a model; returns the optimizer class and the files of a previous run in
+        ``output_dir``."""
+        cfg = self.cfg
         # self.prompts: the training split, then the held-out split (heldout_fraction > 0), which only the held-out
         # check samples; without a held-out split that check uses training prompts with unseen seeds.
         training, heldout = split_prompts(cfg.prompt_file, cfg.heldout_fraction)
@@ -139,7 +142,12 @@ class Trainer:
             except ImportError:
                 raise ImportError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
             optimizer_cls = bnb.optim.AdamW8bit
+        return optimizer_cls, previous_run
 
+    def _start_accelerator(self) -> None:
+        """The accelerator, the checks that need the number of processes, the method, the checkpoint to resume and
+        the seeds."""
+        cfg = self.cfg
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -170,10 +178,13 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
         self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed, torch.float32)
 
+    def _load_models(self) -> None:
+        """The reward model, then the pipeline (frozen, in ``weight_dtype``), the prompt embeddings and the LoRA
+        (fp32), and the method's moving copies of the policy."""
+        cfg, acc = self.cfg, self.accelerator
         # The reward model first: if its weights are missing, say so before the large download/load.
         self.scorer = build_reward(cfg.reward, cfg.reward_options)
         self.scorer.to(acc.device)
-        # Models: frozen base in weight_dtype, LoRA in fp32.
         self.family = family = load_family(cfg.pretrained_model, dtype=self.weight_dtype,
                                            guidance_scale=cfg.guidance_scale, drop_t5=cfg.drop_t5)
         pipe = family.pipe
@@ -206,6 +217,9 @@ class Trainer:
         self.params = [p for p in self.transformer.parameters() if p.requires_grad]
         self.merged_lora = MergedLoRA(self.transformer) if cfg.rollout_merge_lora else None
 
+    def _build_optimizer(self, optimizer_cls: type) -> None:
+        """The optimizer and learning-rate schedule, the prompt sampler, and the checkpoint hooks that save them."""
+        cfg, acc = self.cfg, self.accelerator
         optimizer = optimizer_cls(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
         from diffusers.optimization import get_scheduler
@@ -222,6 +236,9 @@ class Trainer:
         acc.register_save_state_pre_hook(self._save_hook)
         acc.register_load_state_pre_hook(self._load_hook)
 
+    def _start_or_resume(self, previous_run: list[Path]) -> None:
+        """The checkpoint's state loaded (resume), or ``output_dir`` replaced (a new run); then the trackers."""
+        cfg, acc = self.cfg, self.accelerator
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
@@ -320,13 +337,6 @@ class Trainer:
     def _heldout_pairs(self, seeds) -> list[tuple[int, int]]:
         """The held-out (prompt index, seed) pairs, in the order of :meth:`heldout_rewards`' outputs."""
         return [(i, s) for s in seeds for i in self.eval_indices]
-
-    def _details_change(self, before_images: torch.Tensor, after_images: torch.Tensor) -> dict:
-        """The paired change of every scorer diagnostic (:meth:`.scorers.base.Scorer.details`) on the held-out pairs."""
-        prompts = [self.prompts[i] for i, _ in self._heldout_pairs(self.cfg.eval_seeds)]
-        before, after = self.scorer.details(before_images, prompts), self.scorer.details(after_images, prompts)
-        return {name: _paired_change(before[name], after[name]) for name in after
-                if (before[name].isfinite() & after[name].isfinite()).any()}
 
     def _save_samples(self, images: torch.Tensor, name: str) -> None:
         if not len(images):  # eval_prompts: 0
@@ -512,9 +522,8 @@ class Trainer:
             progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics.get('loss', math.nan):.4f}")
             if cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0:
                 self._save_checkpoint()
-            if cfg.sample_every and self.step % cfg.sample_every == 0 and acc.is_main_process:
-                _, images, _ = self.heldout_rewards(seeds=cfg.eval_seeds[:1])
-                self._save_samples(images, f"step-{self.step}")
+            for callback in self.callbacks:
+                callback.on_step_end(self, metrics)
 
     def _save_checkpoint(self) -> Path | None:
         """A checkpoint of the current step, unless it exists (or no step was trained); its path."""
@@ -535,13 +544,13 @@ class Trainer:
         return [value > 0 for value in total.tolist()]
 
     def train(self) -> dict:
+        """Algorithm 1 up to ``max_steps`` (from the resumed step), the final checkpoint and LoRA; returns the summary
+        (``steps``, plus what the callbacks add: the held-out check's before/after)."""
         cfg, acc = self.cfg, self.accelerator
         from tqdm.auto import tqdm
 
-        check = bool(self.eval_indices)  # eval_prompts: 0 skips the held-out check (callers that measure their own)
-        if check:
-            before, before_images, before_parts = self.heldout_rewards(adapters=False)
-            self._log(f"held-out reward of the base model: {before.mean().item():.4f}")
+        for callback in self.callbacks:
+            callback.on_train_begin(self)
         progress = tqdm(total=cfg.max_steps, initial=self.step, desc="ADRPO steps" if cfg.method == "adrpo" else cfg.method,
                         disable=not acc.is_main_process)
         self._last_save = time.monotonic()
@@ -562,34 +571,9 @@ class Trainer:
             except OSError as err:
                 raise write_failed(self.output_dir / "pytorch_lora_weights.safetensors", err) from err
         self._log(f"LoRA weights: {self.output_dir / 'pytorch_lora_weights.safetensors'}")
-        if not check:
-            acc.end_training()
-            return {"steps": self.step}
-        after, images, after_parts = self.heldout_rewards(adapters=True)
-        # Paired over the same (prompt, seed) pairs, so seed noise cancels in the difference.
-        change = _paired_change(before, after)
-        summary = {
-            "steps": self.step, "heldout_samples": after.numel(),
-            "heldout_prompts": "held-out split" if len(self.prompts) > self.num_training_prompts
-                               else "training prompts, unseen seeds",
-            "heldout_reward_before": change["before"], "heldout_reward_after": change["after"],
-            "heldout_improvement": change["improvement"], "heldout_improvement_se": change["improvement_se"],
-            # each part of the reward, raw (without its weight and reward_scale)
-            "heldout_parts": {name: _paired_change(before_parts[name], after_parts[name]) for name in after_parts},
-            # the scorers' per-image diagnostics (the shapes reward: each check and the GenEval-style pass rate)
-            "heldout_details": self._details_change(before_images, images),
-        }
-        if acc.is_main_process:
-            self._save_samples(before_images, "base")  # the same prompts and noise as final.png, before training
-            self._save_samples(images, "final")
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        self._log(f"held-out reward (mean over {len(self.eval_indices)} prompts x {len(cfg.eval_seeds)} seeds; "
-                  f"{summary['heldout_prompts']}): {_change_line(change)}")
-        if len(after_parts) > 1:
-            for name, part in summary["heldout_parts"].items():
-                self._log(f"  {name} (raw, weight {self.scorer.weights[name]:g}): {_change_line(part)}")
-        for name, detail in summary["heldout_details"].items():
-            self._log(f"  {name}: {_change_line(detail)}")
+        summary = {"steps": self.step}
+        for callback in self.callbacks:
+            callback.on_train_end(self, summary)
         acc.end_training()
         return summary
 

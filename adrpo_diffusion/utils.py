@@ -125,15 +125,6 @@ def replace_directory(target: str | os.PathLike, build: Callable[[Path], object]
     return target
 
 
-def cached_build(name: str, marker: str, build: Callable[[Path], object]) -> str:
-    """``cache_dir() / name``, built once by ``build`` (:func:`replace_directory`) unless it holds ``marker`` (a file
-    that only a complete build has; the directory is renamed into place whole)."""
-    target = cache_dir() / name
-    if not (target / marker).is_file():
-        replace_directory(target, build)
-    return str(target)
-
-
 def load_yaml_mapping(path: str | os.PathLike, error: type[Exception] = ValueError) -> dict:
     """The mapping a YAML config file holds (empty file: ``{}``); ``error`` for a missing file, bad YAML or a
     top level that is not a mapping."""

@@ -16,12 +16,22 @@ def tiny_sd3_dir():
     return resolve_model("builtin:tiny-sd3")
 
 
-@pytest.fixture(scope="session")
-def tiny_sd3_shapes_dir():
-    """The method lab's shapes base (pre-trained once per cache, about 5 minutes on 2 cores)."""
-    from adrpo_diffusion.builtin import resolve_model
+SHAPES_TEST_STEPS = 300  # in the cache directory's name: another recipe is never taken for this one
 
-    return resolve_model("builtin:tiny-sd3-shapes")
+
+@pytest.fixture(scope="session")
+def shapes_test_base():
+    """A smaller shapes base for the lab's tests: the recipe of ``builtin:tiny-sd3-shapes`` (5 to 8 minutes to
+    build) with fewer VAE and pre-training steps and a smaller image bank, built once per cache in under a minute.
+    It draws coloured blobs more than shapes: the lab's mechanics, not its numbers, are under test."""
+    from adrpo_diffusion.testing.shapes_base import build_tiny_sd3_shapes
+    from adrpo_diffusion.utils import cache_dir, replace_directory
+
+    target = cache_dir() / f"tiny-sd3-shapes-test-{SHAPES_TEST_STEPS}"
+    if not target.is_dir():  # renamed into place whole: present means complete
+        replace_directory(target, lambda tmp: build_tiny_sd3_shapes(tmp, steps=SHAPES_TEST_STEPS, vae_steps=60,
+                                                                    bank_size=512))
+    return str(target)
 
 
 @pytest.fixture

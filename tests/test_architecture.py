@@ -2,7 +2,7 @@
 
     core (utils, builtin, advantages, losses, methods, prompts, tasks, faults)
       <- models (families, scorers)
-      <- training and evaluation (config, checkpoint, trainer, evaluation)
+      <- training and evaluation (config, checkpoint, callbacks, trainer, evaluation)
       <- apps (lab, benchmark, hub, llm)
       <- commands (cli, evaluation.cli)
 
@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "adrpo_diffusion"
 LAYERS = [  # (layer, module-name prefixes); the longest matching prefix decides
     ("core", ["", "utils", "builtin", "advantages", "losses", "methods", "prompts", "tasks", "faults"]),
     ("models", ["families", "scorers"]),
-    ("training/evaluation", ["config", "checkpoint", "trainer", "evaluation"]),
+    ("training/evaluation", ["config", "checkpoint", "callbacks", "trainer", "evaluation"]),
     ("apps", ["lab", "benchmark", "benchmark_e2e", "benchmark_models", "hub", "llm"]),
     ("commands", ["cli", "evaluation.cli"]),
 ]

@@ -10,13 +10,10 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from adrpo_diffusion.llm import ADRPOGRPOConfig, audio_trainer  # noqa: E402
+from adrpo_diffusion.llm.answers import first_character_reward as pitch_reward  # noqa: E402
 from adrpo_diffusion.llm.audio_trainer import AudioADRPOGRPOTrainer, AudioGRPOTrainer, check_trl_signatures  # noqa: E402
-from adrpo_diffusion.llm.tiny_audio import (  # noqa: E402
-    build_tiny_omni,
-    build_tiny_qwen2_audio,
-    pitch_reward,
-    pitch_rows,
-)
+from adrpo_diffusion.tasks.pitch import pitch_rows  # noqa: E402
+from adrpo_diffusion.testing.tiny_language_models import build_tiny_omni, build_tiny_qwen2_audio  # noqa: E402
 
 BETA0 = 0.04
 

@@ -191,11 +191,11 @@ def test_builtin_shapes_base_is_a_known_model():
 
 
 @pytest.fixture(scope="module")
-def quick_lab(tmp_path_factory, tiny_sd3_shapes_dir):
+def quick_lab(tmp_path_factory, shapes_test_base):
     from adrpo_diffusion.lab.experiment import main
 
     out = tmp_path_factory.mktemp("quick-lab") / "lab"
-    assert main(["--quick", "--output_dir", str(out)]) == 0
+    assert main(["--quick", "--pretrained_model", shapes_test_base, "--output_dir", str(out)]) == 0
     return out
 
 
@@ -247,10 +247,10 @@ def test_matched_reward_interpolates_where_the_diversity_crosses_the_target():
     assert chosen_index(records) == 0  # the base itself when training never beat it on validation
 
 
-def test_a_killed_lab_resumes_to_the_same_results(quick_lab, tmp_path, monkeypatch):
-    """Killed after the second segment of the first run trained and checkpointed but before its record was
-    written: --resume measures that checkpoint instead of training again, and every number matches the
-    uninterrupted lab."""
+def test_a_killed_lab_resumes_to_the_same_results(quick_lab, shapes_test_base, tmp_path, monkeypatch):
+    """One run of the quick lab (both learning rates), killed after its second step trained and checkpointed but
+    before that step's record was written: --resume measures that checkpoint instead of training again, and every
+    number matches the uninterrupted lab's."""
     from adrpo_diffusion.lab import experiment
 
     measure, calls = experiment.HeldoutProbe.measure, []
@@ -263,15 +263,17 @@ def test_a_killed_lab_resumes_to_the_same_results(quick_lab, tmp_path, monkeypat
 
     out = tmp_path / "lab"
     monkeypatch.setattr(experiment.HeldoutProbe, "measure", killed_on_the_second_call)
+    quick = ["--quick", "--pretrained_model", shapes_test_base, "--output_dir", str(out), "--runs", QUICK_RUNS[0]]
     with pytest.raises(KeyboardInterrupt):
-        experiment.main(["--quick", "--output_dir", str(out)])
+        experiment.main(quick)
     assert calls == [1, 2] and not (out / "results.json").exists()
     monkeypatch.setattr(experiment.HeldoutProbe, "measure", measure)
     with pytest.raises(ValueError, match="other settings"):
-        experiment.main(["--quick", "--output_dir", str(out), "--resume", "--sampler_steps", "4"])
-    assert experiment.main(["--quick", "--output_dir", str(out), "--resume"]) == 0
+        experiment.main(quick + ["--resume", "--sampler_steps", "3"])
+    assert experiment.main(quick + ["--resume"]) == 0
     resumed, uninterrupted = (json.loads((d / "results.json").read_text()) for d in (out, quick_lab))
-    assert resumed["base"] == uninterrupted["base"] and resumed["runs"] == uninterrupted["runs"]
+    assert resumed["base"] == uninterrupted["base"]
+    assert resumed["runs"] == {QUICK_RUNS[0]: uninterrupted["runs"][QUICK_RUNS[0]]}
 
 
 def test_lab_refuses_to_overwrite_a_directory_it_did_not_write(tmp_path):
@@ -318,6 +320,9 @@ def test_runs_selects_runs_by_name_and_rejects_unknown_ones(capsys):
         "beta0": 2.0, "advantage_min": -2.0, "advantage_max": 2.0, "advantage_normalization": "group_std",
         "anchor": "ema"}}
     assert [run.name for run in lab_runs(LabSettings(methods=["dpo"], strengths=2))] == ["dpo beta=500", "dpo beta=2500"]
+    with pytest.raises(SystemExit):  # a base that is not there: named before anything loads
+        main(["--pretrained_model", "/no/such/base"])
+    assert "/no/such/base" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--runs", "raft top_k=3"])
     assert "unknown run(s) ['raft top_k=3']" in capsys.readouterr().err

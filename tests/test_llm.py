@@ -17,7 +17,8 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from adrpo_diffusion.llm import ADRPOGRPOConfig, ADRPOGRPOTrainer, adaptive_kl_coefficients, cli  # noqa: E402
-from adrpo_diffusion.llm.tiny import build_tiny_lm, first_letter_reward  # noqa: E402
+from adrpo_diffusion.tasks.first_letter import first_letter_reward  # noqa: E402
+from adrpo_diffusion.testing.tiny_language_models import build_tiny_lm  # noqa: E402
 
 BETA0 = 0.04
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from adrpo_diffusion.callbacks import TrainerCallback
 from adrpo_diffusion.config import load_config
 from adrpo_diffusion.methods import available_methods
 from adrpo_diffusion.trainer import NonFiniteLossError, Trainer
@@ -62,14 +63,39 @@ def test_every_method_trains(tmp_path, tiny_sd3_dir, method):
     assert any(not torch.equal(v, start[k]) for k, v in trainer.transformer.named_parameters() if k in start)
 
 
+class Recorder(TrainerCallback):
+    """Records each hook's call, and samples the policy after every step as the method lab's probe does."""
+
+    def __init__(self):
+        self.calls = []
+
+    def on_train_begin(self, trainer):
+        self.calls.append(("begin", trainer.step))
+
+    def on_step_end(self, trainer, metrics):
+        trainer.heldout_rewards(seeds=[7])  # a measurement between steps must not change the run
+        self.calls.append(("step", metrics["step"], (trainer.checkpoints_dir / f"step-{trainer.step}").is_dir()))
+
+    def on_train_end(self, trainer, summary):
+        self.calls.append(("end", summary["steps"], "heldout_improvement" in summary))
+
+
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_sd3_dir):
-    full = Trainer(small_config(tmp_path / "full", max_steps=4))
+    """Two steps, then a new Trainer resuming them for two more, give the LoRA and metrics of four steps in one
+    run, whose callback measured the policy after every step; the callbacks are called in order, each step's
+    after its checkpoint, and see the held-out check's summary."""
+    full_calls, resumed_calls = Recorder(), Recorder()
+    full = Trainer(small_config(tmp_path / "full", max_steps=4), callbacks=[full_calls])
     full.train()
+    assert full_calls.calls == [("begin", 0), ("step", 1, False), ("step", 2, True), ("step", 3, False),
+                                ("step", 4, True), ("end", 4, True)]
 
     Trainer(small_config(tmp_path / "split", max_steps=2)).train()
-    resumed = Trainer(small_config(tmp_path / "split", max_steps=4, resume_from_checkpoint="latest"))
+    resumed = Trainer(small_config(tmp_path / "split", max_steps=4, resume_from_checkpoint="latest"),
+                      callbacks=[resumed_calls])
     assert resumed.step == 2
     resumed.train()
+    assert resumed_calls.calls == [("begin", 2), ("step", 3, False), ("step", 4, True), ("end", 4, True)]
 
     a, b = lora_tensors(tmp_path / "full"), lora_tensors(tmp_path / "split")
     assert a.keys() == b.keys()

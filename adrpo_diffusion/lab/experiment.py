@@ -10,9 +10,9 @@ The frontier. Each method runs at three strengths of its own regulariser (:data:
 fixed-beta's beta, ORW-CFM-W2's W2 weight, RAFT's top-k, DPO's beta, DiffusionNFT's and AWM's KL weight), at its
 learning rate (:data:`LEARNING_RATES`, or the best of ``learning_rates`` on validation seeds when given).
 
-Tracking. A run trains in segments of ``eval_every`` steps: each segment is a fresh ``Trainer`` that resumes
-exactly from the previous segment's checkpoint (``resume_from_checkpoint: latest``). After each segment, and
-once for the base, :class:`HeldoutProbe` measures the current policy on held-out seeds (never used in training):
+Tracking. A run is one ``Trainer`` with a callback (:class:`_Tracker`): every ``eval_every`` steps, right after
+that step's checkpoint, and once for the base, :class:`HeldoutProbe` measures the current policy on held-out seeds
+(never used in training):
 
 - ``reward``: the mean ``shapes`` score of ``eval_images`` images for each prompt; ``colour``, ``shape``,
   ``count``, ``position``: its checks; ``geneval_pass``: the fraction of images whose every check passes
@@ -47,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from ..callbacks import TrainerCallback
+from ..families import check_model_source
 from ..utils import umask_permissions
 
 CHECK_NAMES = ("colour", "shape", "count", "position")
@@ -125,8 +127,9 @@ class LabSettings:
 
 
 def quick_settings(output_dir: str) -> LabSettings:
-    """A smoke scale for tests: one seed, two segments of one step, a few images, two strengths of three methods."""
-    return LabSettings(output_dir=output_dir, steps=2, eval_every=1, prompts_per_step=2, images_per_prompt=4,
+    """A smoke scale for tests: one seed, two steps each evaluated, a few images of 6 Euler steps, two strengths of
+    three methods."""
+    return LabSettings(output_dir=output_dir, steps=2, eval_every=1, sampler_steps=6, prompts_per_step=2, images_per_prompt=4,
                        timesteps_per_sample=1, learning_rates=[3e-3, 3e-2], methods=["adrpo", "raft", "nft"],
                        strengths=2, eval_images=2, val_images=2)
 
@@ -297,9 +300,9 @@ def run_lab(settings: LabSettings, resume: bool = False) -> dict:
     Per run: at its method's rate (:data:`LEARNING_RATES`), or, when ``settings.learning_rates`` is given, the first
     seed trains once per rate and the rate whose chosen checkpoint scores the highest *validation* reward is the
     run's rate for the other seeds. Every reported number is measured on the *held-out* noise seeds. Each (run,
-    rate, seed) keeps its records in ``runs/<run>/lr-<rate>/seed-<seed>/records.json``, written after every segment
-    next to the checkpoint of that step: with ``resume``, a killed lab continues from there (the same settings are
-    required) and finished segments are never trained again."""
+    rate, seed) keeps its records in ``runs/<run>/lr-<rate>/seed-<seed>/records.json``, written after every
+    evaluation next to the checkpoint of that step: with ``resume``, a killed lab resumes that checkpoint (the same
+    settings are required) and finished steps are never trained again."""
     from ..prompts import load_prompts
 
     out = prepare_output_dir(settings.output_dir, resume)
@@ -377,11 +380,44 @@ def _load_images(path: Path) -> torch.Tensor:
     return load_file(str(path))["images"].float() / 255
 
 
+class _Tracker(TrainerCallback):
+    """The lab's probes as a trainer callback: the base first (once per lab, also on resume: it fixes the probes'
+    W2 inputs and base rewards), then a record every ``eval_every`` steps, written next to that step's checkpoint.
+    A resumed trainer whose checkpoint has no record yet (killed between the two) is measured before it trains."""
+
+    def __init__(self, settings: LabSettings, out: Path, run_dir: Path, seed: int, prompts: list[str], probes: dict,
+                 results: dict, records: list[dict]):
+        self.settings, self.out, self.run_dir, self.seed = settings, out, run_dir, seed
+        self.prompts, self.probes, self.results, self.records = prompts, probes, results, records
+
+    def on_train_begin(self, trainer) -> None:
+        if self.results["base"] is None:
+            self.results["base"], base_images = self.probes["heldout"].measure_base(trainer)
+            self.results["base"]["validation_reward"] = self.probes["validation"].measure_base(trainer)[0]["reward"]
+            _save_images(base_images, self.out / "samples" / "base.safetensors")
+            _save_grid(base_images, self.prompts, self.out / "samples_base.png")
+            _save_grid(data_images(self.prompts, self.settings.eval_images), self.prompts, self.out / "samples_data.png")
+        if trainer.step > (self.records[-1]["step"] if self.records else 0):
+            self._measure(trainer)
+
+    def on_step_end(self, trainer, metrics: dict) -> None:
+        if trainer.step % self.settings.eval_every == 0:
+            self._measure(trainer)
+
+    def _measure(self, trainer) -> None:
+        record, images = self.probes["heldout"].measure(trainer)
+        record["validation_reward"] = self.probes["validation"].reward(trainer)
+        if self.seed == self.settings.seeds[0]:
+            _save_images(images, self.run_dir / f"heldout-step-{trainer.step}.safetensors")
+        self.records.append({"step": trainer.step, **record})
+        _write_json(self.run_dir / "records.json", self.records)
+
+
 def _train_and_track(settings: LabSettings, run: LabRun, lr: float, seed: int, out: Path, prompts: list[str],
                      probes: dict, results: dict) -> list[dict]:
-    """One (run, learning rate, seed): train in segments of ``eval_every`` steps, each a fresh Trainer resuming the
-    previous segment's checkpoint, measuring the held-out and validation probes after each; the first trainer of
-    the lab also measures the base. Returns the records (resumed ones included)."""
+    """One (run, learning rate, seed): one Trainer (resuming the run's checkpoint, if any) whose :class:`_Tracker`
+    measures the held-out and validation probes every ``eval_every`` steps; the first trainer of the lab also
+    measures the base. Returns the records (resumed ones included)."""
     from ..config import load_config
     from ..trainer import Trainer
 
@@ -389,30 +425,16 @@ def _train_and_track(settings: LabSettings, run: LabRun, lr: float, seed: int, o
     run_dir.mkdir(parents=True, exist_ok=True)
     records_file = run_dir / "records.json"
     records = json.loads(records_file.read_text()) if records_file.is_file() else []
-    done = records[-1]["step"] if records else 0
-    for end in range(settings.eval_every, settings.steps + 1, settings.eval_every):
-        if end <= done and results["base"] is not None:
-            continue
-        values = {**settings.training(), **run.overrides, "learning_rate": lr, "seed": seed,
-                  "output_dir": str(run_dir), "max_steps": end, "resume_from_checkpoint": "latest"}
-        with _quiet(run_dir / "train.log"):
-            trainer = Trainer(load_config(None, values))
-            if results["base"] is None:  # also fixes the probes' W2 inputs and base rewards, so it runs on resume too
-                results["base"], base_images = probes["heldout"].measure_base(trainer)
-                results["base"]["validation_reward"] = probes["validation"].measure_base(trainer)[0]["reward"]
-                _save_images(base_images, out / "samples" / "base.safetensors")
-                _save_grid(base_images, prompts, out / "samples_base.png")
-                _save_grid(data_images(prompts, settings.eval_images), prompts, out / "samples_data.png")
-            if end > done:
-                trainer.train()
-                record, images = probes["heldout"].measure(trainer)
-                record["validation_reward"] = probes["validation"].reward(trainer)
-                if seed == settings.seeds[0]:
-                    _save_images(images, run_dir / f"heldout-step-{end}.safetensors")
-                records.append({"step": end, **record})
-                _write_json(records_file, records)
-        del trainer
-        gc.collect()
+    if records and records[-1]["step"] == settings.steps and results["base"] is not None:
+        return records
+    values = {**settings.training(), **run.overrides, "learning_rate": lr, "seed": seed, "output_dir": str(run_dir),
+              "max_steps": settings.steps, "resume_from_checkpoint": "latest"}
+    with _quiet(run_dir / "train.log"):
+        trainer = Trainer(load_config(None, values),
+                          callbacks=[_Tracker(settings, out, run_dir, seed, prompts, probes, results, records)])
+        trainer.train()
+    del trainer
+    gc.collect()
     return records
 
 
@@ -447,9 +469,9 @@ def trajectory(run: dict, metric: str) -> tuple[list[int], list[float], list[flo
 
 
 def matched_reward(records: list[dict], target: float) -> tuple[float, float, int]:
-    """The best held-out reward along a run's trajectory (the base, then each segment, joined by straight lines)
-    while its feature diversity stays >= ``target``: ``(reward, held-out SE of its gain, step)``, where a segment
-    that crosses ``target`` contributes its point at ``target`` (step: the segment's end)."""
+    """The best held-out reward along a run's trajectory (the base, then each evaluation, joined by straight lines)
+    while its feature diversity stays >= ``target``: ``(reward, held-out SE of its gain, step)``, where a line
+    that crosses ``target`` contributes its point at ``target`` (step: the line's end)."""
     points = [(r["feature_diversity"], r["reward"], r["reward_gain_se"], r["step"]) for r in records]
     candidates = [(reward, se, step) for diversity, reward, se, step in points if diversity >= target]
     for (d0, r0, s0, _), (d1, r1, s1, step) in zip(points, points[1:]):
@@ -658,6 +680,8 @@ def main(argv=None) -> int:
                              "method's own rate, " + ", ".join(f"{m} {lr:g}" for m, lr in LEARNING_RATES.items()) + ")")
     parser.add_argument("--runs", nargs="+", metavar="NAME", help="only these runs, by their names in the table, e.g. "
                         "--runs 'adrpo beta0=1' 'nft kl_beta=0.1'")
+    parser.add_argument("--pretrained_model", help=f"the base every run fine-tunes (default {defaults.pretrained_model}); "
+                        "a pipeline of the SD3 family that reads the shapes captions")
     parser.add_argument("--resume", action="store_true", help="continue a killed lab in --output_dir (same options)")
     args = parser.parse_args(argv)
     try:
@@ -665,7 +689,8 @@ def main(argv=None) -> int:
     except ImportError:
         parser.error("the lab's plots need matplotlib: pip install -c constraints-ci.txt -e '.[lab]'")
     settings = quick_settings(args.output_dir) if args.quick else LabSettings(output_dir=args.output_dir)
-    for name in ("seeds", "steps", "eval_every", "sampler_steps", "methods", "strengths", "learning_rates", "runs"):
+    for name in ("seeds", "steps", "eval_every", "sampler_steps", "methods", "strengths", "learning_rates", "runs",
+                 "pretrained_model"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     if min(settings.steps, settings.eval_every, settings.sampler_steps) < 1 or not settings.seeds:
@@ -678,7 +703,8 @@ def main(argv=None) -> int:
         parser.error(f"--learning_rates must be positive, got {settings.learning_rates}")
     try:
         lab_runs(settings)
-    except ValueError as err:
+        check_model_source(settings.pretrained_model)
+    except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     results = run_lab(settings, resume=args.resume)
     print((Path(settings.output_dir) / "lab_table.md").read_text())

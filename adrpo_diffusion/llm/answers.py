@@ -67,3 +67,9 @@ def format_reward(completions: list, **kwargs) -> list[float]:
     """1.0 per completion that is exactly ``<think>...</think><answer>...</answer>`` (whitespace around the two
     blocks allowed, no nested or repeated tags), else 0.0."""
     return [float(R1_FORMAT.fullmatch(completion_text(c)) is not None) for c in completions]
+
+
+def first_character_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
+    """1.0 per completion whose first character is the row's ``answer``, else 0.0 (string or chat completions): the
+    pitch task's reward (:mod:`adrpo_diffusion.tasks.pitch`)."""
+    return [float(completion_text(c)[:1] == a) for c, a in zip(completions, answer, strict=True)]

@@ -88,11 +88,11 @@ def main(argv=None) -> int:
         return 2
     if args.limit:
         questions = questions[: args.limit]
-    from .cli import ConfigError, check_model_source
-    from .tiny_audio import TINY_OMNI, tiny_omni_path
+    from ..builtin import resolve_language_model
+    from .cli import BUILTIN_MODELS, ConfigError, check_model_source
 
     try:
-        check_model_source(args.model, "model", (TINY_OMNI,))
+        check_model_source(args.model, "model", BUILTIN_MODELS)
     except ConfigError as err:
         print(f"adrpo-audio-eval: error: {err}", file=sys.stderr)
         return 2
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
 
     from .audio_trainer import load_audio_model, placeholder_token_ids, suppress_in_lm_head
 
-    path = tiny_omni_path() if args.model == TINY_OMNI else args.model
+    path = resolve_language_model(args.model)
     processor = AutoProcessor.from_pretrained(path, padding_side="left")
     model = load_audio_model(path, dtype=getattr(torch, args.dtype))
     if args.adapter:

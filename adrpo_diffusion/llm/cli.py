@@ -21,9 +21,12 @@ from pathlib import Path
 
 import yaml
 
+from ..builtin import LANGUAGE_MODELS, PREFIX, resolve_language_model
 from ..utils import check_source
 
-BUILTIN = "builtin:"
+BUILTIN = PREFIX
+BUILTIN_MODELS = tuple(BUILTIN + name for name in LANGUAGE_MODELS)
+FIRST_LETTER, AUDIO_PITCH = "builtin:first-letter", "builtin:audio-pitch"  # the demo tasks (adrpo_diffusion.tasks)
 LORA_TARGETS = r"^(?!.*(audio_tower|visual|vision)).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
 
@@ -184,8 +187,8 @@ def load_prompts(run: RunArguments):
     """(training dataset with a "prompt" column, held-out rows: the split's last ``eval_prompts`` rows)."""
     from datasets import Dataset, load_dataset
 
-    from .tiny import FIRST_LETTER, first_letter_prompts
-    from .tiny_audio import AUDIO_PITCH, pitch_rows
+    from ..tasks.first_letter import first_letter_prompts
+    from ..tasks.pitch import pitch_rows
 
     if run.dataset_format not in ("hf", "avqa"):
         raise ConfigError(f"dataset_format must be hf or avqa, got {run.dataset_format!r}")
@@ -223,11 +226,10 @@ def load_prompts(run: RunArguments):
 
 
 def builtin_rewards() -> dict:
-    from .answers import accuracy_reward, format_reward
-    from .tiny import FIRST_LETTER, first_letter_reward
-    from .tiny_audio import AUDIO_PITCH, pitch_reward
+    from ..tasks.first_letter import first_letter_reward
+    from .answers import accuracy_reward, first_character_reward, format_reward
 
-    return {FIRST_LETTER: [first_letter_reward], AUDIO_PITCH: [pitch_reward],
+    return {FIRST_LETTER: [first_letter_reward], AUDIO_PITCH: [first_character_reward],
             "builtin:answer-accuracy-format": [accuracy_reward, format_reward]}
 
 
@@ -351,10 +353,7 @@ def main(argv=None) -> int:
             raise ConfigError(f"output_dir {output_dir} already holds files (another run?): choose another directory, "
                               "or pass --overwrite_output_dir true to train over them.")
         methods = ["adrpo", "grpo"] if run.compare_with_grpo else [run.method]
-        from .tiny import TINY_LM, tiny_lm_path
-        from .tiny_audio import TINY_OMNI, tiny_omni_path
-
-        check_model_source(run.model_name_or_path, "model_name_or_path", (TINY_LM, TINY_OMNI))
+        check_model_source(run.model_name_or_path, "model_name_or_path", BUILTIN_MODELS)
         check_model_source(run.reward_model, "reward_model", tuple(builtin_rewards()))
         configs = {m: trainer_args(m, trainer_kwargs, output_dir) for m in methods}
         import matplotlib  # noqa: F401  (the plot at the end)
@@ -367,9 +366,7 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(run.torch_num_threads)
-    builtin_models = {TINY_LM: tiny_lm_path, TINY_OMNI: tiny_omni_path}
-    name = run.model_name_or_path
-    model_path = builtin_models[name]() if name in builtin_models else name
+    model_path = resolve_language_model(run.model_name_or_path)
     results = [train_one(m, run, *configs[m], model_path, train_dataset, heldout) for m in methods]
     from accelerate import PartialState
 

@@ -128,11 +128,12 @@ def pretrain_transformer(pipe, steps: int = PRETRAIN_STEPS, batch_size: int = BA
 
 
 def build_tiny_sd3_shapes(directory: str | os.PathLike, seed: int = 0, steps: int = PRETRAIN_STEPS,
-                          vae_steps: int = VAE_STEPS) -> Path:
+                          vae_steps: int = VAE_STEPS, bank_size: int = BANK_SIZE) -> Path:
     """Build, pre-train and save ``builtin:tiny-sd3-shapes`` into ``directory`` (:mod:`adrpo_diffusion.builtin` says
-    what it builds and renames the directory into place)."""
+    what it builds and renames the directory into place); fewer ``steps``, ``vae_steps`` and ``bank_size`` give the
+    tests' smaller base."""
     pipe = build_untrained_pipeline(seed, vae_steps)
     with torch.random.fork_rng(devices=[]):
-        pretrain_transformer(pipe, steps=steps, seed=seed, log_every=max(1, steps // 6))
+        pretrain_transformer(pipe, steps=steps, bank_size=bank_size, seed=seed, log_every=max(1, steps // 6))
     save_pipeline(pipe, directory)
     return Path(directory)

@@ -1,26 +1,21 @@
-"""The offline audio demo's pieces: a tiny randomly initialised Qwen2.5-Omni thinker with its processor (a
-character-level tokenizer carrying the Omni special tokens, a 16-band Whisper feature extractor), built locally,
-and a synthetic audio multiple-choice task whose answer is in the audio alone.
+"""Tiny language models for the offline LLM and audio demos and their tests, built locally with seeded random
+weights and saved with ``save_pretrained``:
 
-The task ("pitch"): a clip of 0.3 to 0.6 s holds one tone, low (200-400 Hz), middle (800-1200 Hz) or high
-(2500-3500 Hz), at a random loudness, with noise; the text asks ``pitch?`` and the model answers with one character,
-``a`` (low), ``b`` (middle) or ``c`` (high). The reward (and the held-out accuracy) is 1 for the right character.
-Every prompt's text is the same, so any accuracy above 1/3 comes from the audio.
+- ``builtin:tiny-char-lm`` (:func:`build_tiny_lm`): a 2-layer Qwen2 with a character-level tokenizer for the
+  first-letter task (:mod:`adrpo_diffusion.tasks.first_letter`);
+- ``builtin:tiny-omni-thinker`` (:func:`build_tiny_omni`): a Qwen2.5-Omni thinker with its processor (a
+  character-level tokenizer carrying the Omni special tokens, a 16-band Whisper feature extractor) for the pitch
+  task (:mod:`adrpo_diffusion.tasks.pitch`);
+- :func:`build_tiny_qwen2_audio`: a Qwen2-Audio of the same tokenizer, for the tests.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
+from ..tasks.first_letter import LETTERS
+from ..tasks.pitch import SAMPLING_RATE
 
-from ..utils import cached_build
-
-TINY_OMNI = "builtin:tiny-omni-thinker"
-AUDIO_PITCH = "builtin:audio-pitch"
-SAMPLING_RATE = 16000
-PITCH_BANDS = {"a": (200.0, 400.0), "b": (800.0, 1200.0), "c": (2500.0, 3500.0)}  # answer: low, middle, high
-QUESTION = "pitch?"
 SPECIAL_TOKENS = {"audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
                   "image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>", "vision_bos_token": "<|vision_bos|>",
                   "vision_eos_token": "<|vision_eos|>"}
@@ -32,6 +27,39 @@ CHAT_TEMPLATE = (
     "<|audio_eos|>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>{% endif %}"
 )
+
+
+def first_letter_tokenizer():
+    """A ``PreTrainedTokenizerFast`` with one token per character of the first-letter task (``LETTERS + "="``),
+    made locally."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>"] + list(LETTERS + "="))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+
+
+def build_tiny_lm(target: str | Path, seed: int = 0) -> Path:
+    """Save a randomly initialised 2-layer Qwen2 (about 0.1M parameters) and its tokenizer into ``target``."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = first_letter_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):  # the global RNG is left as it was
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return Path(target)
 
 
 def tiny_omni_processor():
@@ -58,8 +86,9 @@ def _save(target, model_class, config, processor, seed: int) -> Path:
     tokens, saved with ``processor`` into ``target``."""
     import torch
 
-    torch.manual_seed(seed)
-    model = model_class(config)
+    with torch.random.fork_rng(devices=[]):  # the global RNG is left as it was
+        torch.manual_seed(seed)
+        model = model_class(config)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     model.save_pretrained(target)
@@ -110,37 +139,3 @@ def build_tiny_qwen2_audio(target: str | Path, seed: int = 0) -> Path:
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id),
         audio_token_id=tokenizer.audio_token_id)
     return _save(target, Qwen2AudioForConditionalGeneration, config, processor, seed)
-
-
-def tiny_omni_path() -> str:
-    """The built-in tiny Omni thinker's directory in the cache (built once, whole, then renamed into place)."""
-    return cached_build("tiny-omni-thinker", "processor_config.json", build_tiny_omni)
-
-
-def pitch_clip(answer: str, rng: np.random.Generator) -> np.ndarray:
-    """One clip of the pitch task for ``answer`` (a key of ``PITCH_BANDS``), float32 at ``SAMPLING_RATE``."""
-    low, high = PITCH_BANDS[answer]
-    n = int(SAMPLING_RATE * rng.uniform(0.3, 0.6))
-    t = np.arange(n) / SAMPLING_RATE
-    tone = rng.uniform(0.05, 0.5) * np.sin(2 * np.pi * rng.uniform(low, high) * t + rng.uniform(0, 2 * np.pi))
-    return (tone + 0.01 * rng.standard_normal(n)).astype(np.float32)
-
-
-def pitch_rows(num_rows: int, seed: int = 0) -> list[dict]:
-    """``num_rows`` rows of the pitch task (answers cycling a, b, c): a conversational ``prompt`` (the clip, then
-    the question), the ``audio`` samples, the ``answer`` character and the ``choices``."""
-    rng = np.random.default_rng(seed)
-    answers = list(PITCH_BANDS)
-    rows = []
-    for i in range(num_rows):
-        answer = answers[i % len(answers)]
-        rows.append({"prompt": [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": QUESTION}]}],
-                     "audio": pitch_clip(answer, rng), "answer": answer, "choices": answers})
-    return rows
-
-
-def pitch_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
-    """1.0 per completion whose first character is the right answer, else 0.0 (string or chat completions)."""
-    from .answers import completion_text
-
-    return [float(completion_text(c)[:1] == a) for c, a in zip(completions, answer, strict=True)]
