@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 
-import torch
-
-from .utils import mean_and_se
+from .utils import paired_change
 
 
 class TrainerCallback:
@@ -30,16 +28,6 @@ class TrainerCallback:
 
     def on_train_end(self, trainer, summary: dict) -> None:
         pass
-
-
-def paired_change(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
-    """Means before and after, and the mean of the paired change with its standard error, over the pairs where
-    both are defined (a diagnostic is NaN where it does not apply)."""
-    keep = before.isfinite() & after.isfinite()
-    before, after = before[keep], after[keep]
-    improvement, se = mean_and_se(after - before)
-    return {"before": before.mean().item(), "after": after.mean().item(), "improvement": improvement,
-            "improvement_se": float("nan") if se is None else se}
 
 
 def change_line(change: dict[str, float]) -> str:

@@ -15,9 +15,9 @@ import yaml
 
 from .losses import TIME_SAMPLING
 from .methods import available_methods, build_method, method_problems, methods_help, methods_with_option
-from .methods import documented as _f
 from .scorers import check_reward
 from .utils import command_line_value, load_yaml_mapping, unknown_keys_message
+from .utils import documented as _f
 
 
 class ConfigError(ValueError):

@@ -20,7 +20,7 @@ import dataclasses
 import difflib
 import textwrap
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -35,13 +35,7 @@ from .losses import (
     per_sample_mse,
     weighted_fm_w2_loss,
 )
-
-
-def documented(default, help: str):
-    """A dataclass field with a help string (shown by ``adrpo-train --help``)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+from .utils import documented
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,11 @@
 - :func:`write_atomic` and :func:`replace_directory`: a file or a directory written under a temporary name and
   renamed into place, so an interrupted write never leaves a half-written result behind; :func:`umask_permissions`
   gives what they (and safetensors) write the permissions of the process's umask;
-- :func:`load_yaml_mapping` and :func:`unknown_keys_message`: YAML config files and the did-you-mean message of
-  both configs (training and evaluation);
+- :func:`documented`, :func:`load_yaml_mapping` and :func:`unknown_keys_message`: documented config fields, YAML
+  config files and the did-you-mean message of both configs (training and evaluation);
 - :func:`command_line_value`: one list syntax for every command (``--seeds 0 1`` or ``--seeds '[0, 1]'``);
-- :func:`mean_and_se`: the standard error used everywhere (held-out checks, tables, the method lab);
+- :func:`mean_and_se` and :func:`paired_change`: the standard error used everywhere (held-out checks, tables, the
+  method lab, the LLM demos);
 - :func:`cache_dir`: where built-in models and assets are built once;
 - :func:`check_source`: whether a model (local, cached or on the hub) can be loaded, asked before anything loads.
 """
@@ -21,6 +22,10 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # owner/name, or a legacy name such as bert-base-uncased
 
@@ -125,6 +130,16 @@ def replace_directory(target: str | os.PathLike, build: Callable[[Path], object]
     return target
 
 
+def documented(default, help: str):
+    """A dataclass field with a help string (shown by each command's ``--help``); a list or dict default is copied
+    for every instance."""
+    from dataclasses import field
+
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 def load_yaml_mapping(path: str | os.PathLike, error: type[Exception] = ValueError) -> dict:
     """The mapping a YAML config file holds (empty file: ``{}``); ``error`` for a missing file, bad YAML or a
     top level that is not a mapping."""
@@ -179,6 +194,17 @@ def mean_and_se(values) -> tuple[float, float | None]:
         return mean, None
     variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
     return mean, math.sqrt(variance / len(values))
+
+
+def paired_change(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
+    """Means before and after (1-D tensors of the same pairs: prompt x seed), and the mean of the paired change
+    ``after - before`` with its standard error (:func:`mean_and_se`), over the pairs where both are defined (a
+    diagnostic is NaN where it does not apply). Every held-out before/after of the package is this one."""
+    keep = before.isfinite() & after.isfinite()
+    before, after = before[keep], after[keep]
+    improvement, se = mean_and_se(after - before)
+    return {"before": before.mean().item(), "after": after.mean().item(), "improvement": improvement,
+            "improvement_se": float("nan") if se is None else se}
 
 
 def image_grid(images, cols: int, labels: list[str] | None = None, column_labels: list[str] | None = None,

@@ -137,7 +137,7 @@ def test_training_learns_to_answer_from_the_audio(omni_dir, tmp_path):
     """150 ADRPO-GRPO steps on the pitch task raise held-out accuracy from about 0.05 to about 0.6 (chance among
     the three answers: 1/3; seeds 0 and 42 reached 0.65 at 200 steps); with each clip swapped for the next row's
     (always another class) it falls below chance: the answers follow the audio."""
-    from adrpo_diffusion.llm.cli import heldout_rewards
+    from adrpo_diffusion.llm.cli import heldout_completion_rewards
 
     torch.manual_seed(0)
     rows = pitch_rows(1024 + 64)
@@ -148,11 +148,11 @@ def test_training_learns_to_answer_from_the_audio(omni_dir, tmp_path):
     trainer = AudioADRPOGRPOTrainer(model=omni_dir, reward_funcs=pitch_reward, args=args,
                                     train_dataset=Dataset.from_list(rows[:1024]))
     heldout = rows[1024:]
-    before = heldout_rewards(trainer, heldout, [0, 1]).mean().item()
+    before = heldout_completion_rewards(trainer, heldout, [0, 1]).mean().item()
     trainer.train()
-    accuracy = heldout_rewards(trainer, heldout, [0, 1]).mean().item()
+    accuracy = heldout_completion_rewards(trainer, heldout, [0, 1]).mean().item()
     swapped = [{**row, "audio": heldout[(i + 1) % len(heldout)]["audio"]} for i, row in enumerate(heldout)]
-    swapped_accuracy = heldout_rewards(trainer, swapped, [0, 1]).mean().item()
+    swapped_accuracy = heldout_completion_rewards(trainer, swapped, [0, 1]).mean().item()
     assert before < 0.2 and accuracy > 0.5, (before, accuracy)
     assert swapped_accuracy < 0.3, swapped_accuracy
 

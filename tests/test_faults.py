@@ -25,13 +25,16 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = {"prompts_per_step": 2, "images_per_prompt": 4, "timesteps_per_sample": 1, "eval_prompts": 0,
          "sample_every": 0, "method_options": {}}
 STEPS = 30  # long enough for a signal to land mid-run
+# The runs in real processes: 3 groups of 2, so with two processes (3 rollouts each) the middle group spans both
+# and its baseline needs the gathered rewards (tests/test_training.py runs DPO and NFT on two processes).
+LAUNCHED = {**SMALL, "prompts_per_step": 3, "images_per_prompt": 2}
 
 
 # ------------------------------------------------------------------------------------------- runs in real processes
 def _launch(out, *args, processes=1):
     """adrpo-train in its own process (torchrun with ``processes`` > 1), in its own session."""
     argv = ["scripts/train_sd3.py", "--config", "configs/tiny_cpu.yaml", "--output_dir", str(out), "--max_steps",
-            str(STEPS), "--checkpointing_steps", "4", *[str(a) for kv in SMALL.items() for a in
+            str(STEPS), "--checkpointing_steps", "4", *[str(a) for kv in LAUNCHED.items() for a in
                                                         (f"--{kv[0]}", json.dumps(kv[1]))], *args]
     prefix = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)] if processes > 1 else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}

@@ -25,6 +25,7 @@ from ..scorers.custom import is_custom
 from ..scorers.diversity import DEFAULT_OPTIONS as DIVERSITY_DEFAULTS
 from ..scorers.diversity import diversity_options
 from ..utils import command_line_value, load_yaml_mapping, unknown_keys_message
+from ..utils import documented as _f
 
 # Table 1 of the paper, in its column order.
 TABLE1_METRICS = ["clipscore", "clipdiversity", "aesthetic", "blipscore", "imagereward", "pickscore"]
@@ -44,11 +45,6 @@ class EvalConfigError(ValueError):
 
 def _required(help: str):
     return field(metadata={"help": help})
-
-
-def _f(default, help: str):
-    """A field with an immutable default and its help text (mutable defaults use ``field(default_factory=...)``)."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

@@ -18,6 +18,7 @@ transformer is given (:meth:`ModelFamily.timestep`), stated in each family's doc
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import os
@@ -202,7 +203,7 @@ def lora_metadata(config) -> dict:
     return json.loads(json.dumps(meta, default=str))
 
 
-class ModelFamily:
+class ModelFamily(abc.ABC):
     """One family's conventions around a loaded pipeline (``self.pipe``). Subclasses set the class attributes and
     implement :meth:`_encode`, :meth:`_rollout`, :meth:`timestep` and :meth:`velocity`; the rest is shared.
 
@@ -294,6 +295,7 @@ class ModelFamily:
         parts = [encode(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
         return PromptCache({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, encode([""], negative=True))
 
+    @abc.abstractmethod
     def _encode(self, prompts: list[str], device, max_sequence_length: int, negative: bool = False) -> dict:
         """The prompt tensors of ``prompts`` (``negative``: ``[""]``, the empty negative prompt)."""
         raise NotImplementedError
@@ -325,6 +327,7 @@ class ModelFamily:
                                          num_inference_steps, resolution, generator))
         return torch.cat(latents)
 
+    @abc.abstractmethod
     def _rollout(self, cond: dict, negative: dict, num_inference_steps: int, resolution: int, generator) -> torch.Tensor:
         raise NotImplementedError
 
@@ -367,10 +370,12 @@ class ModelFamily:
         return out.images
 
     # ---------------------------------------------------------------------------------------------- the regression
+    @abc.abstractmethod
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The transformer's ``timestep`` argument at noise level ``sigma``."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def velocity(self, transformer, latents: torch.Tensor, timestep: torch.Tensor, cond: dict) -> torch.Tensor:
         """``transformer``'s velocity (``(N, C, h, w)``, like ``latents``) for the prompt tensors ``cond`` (a
         :meth:`PromptCache.select`). ``transformer`` may be wrapped (DDP, compiled)."""

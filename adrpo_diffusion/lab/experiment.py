@@ -49,7 +49,7 @@ import torch
 
 from ..callbacks import TrainerCallback
 from ..families import check_model_source
-from ..utils import umask_permissions
+from ..utils import paired_change, umask_permissions
 
 CHECK_NAMES = ("colour", "shape", "count", "position")
 NORMALISED = {"advantage_normalization": "group_std"}
@@ -231,8 +231,8 @@ class HeldoutProbe:
         rewards = self.scorer.score(images, prompts)
         if self.base_rewards is None:
             self.base_rewards = rewards
-        gain = rewards - self.base_rewards  # paired: the same held-out noise for the policy and the base
-        return {"reward": rewards.mean().item(), "reward_gain_se": (gain.std() / gain.numel() ** 0.5).item(),
+        gain = paired_change(self.base_rewards, rewards)  # paired: the same held-out noise for the policy and the base
+        return {"reward": rewards.mean().item(), "reward_gain_se": gain["improvement_se"],
                 **{name: details[name].nanmean().item() for name in (*CHECK_NAMES, "geneval_pass")},
                 **diversities(images, [i for i, _ in self.pairs], self.features)}
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from ..builtin import LANGUAGE_MODELS, PREFIX, resolve_language_model
-from ..utils import check_source
+from ..utils import check_source, paired_change
 
 BUILTIN = PREFIX
 BUILTIN_MODELS = tuple(BUILTIN + name for name in LANGUAGE_MODELS)
@@ -237,7 +237,7 @@ def reward_funcs(run: RunArguments) -> list:
     return builtin_rewards().get(run.reward_model, [run.reward_model])
 
 
-def heldout_rewards(trainer, rows: list[dict], seeds: list[int]):
+def heldout_completion_rewards(trainer, rows: list[dict], seeds: list[int]):
     """Reward of one sampled completion per (seed, row), shape ``(len(seeds) * len(rows),)``: the trainer's reward
     functions (given the rows' columns), weighted and summed as in training, on completions sampled like the training
     rollouts. Audio trainers encode each row's clip with its prompt."""
@@ -295,21 +295,21 @@ def train_one(method: str, run: RunArguments, trainer_cls, args, model_path: str
                                  target_modules=run.lora_target_modules, task_type="CAUSAL_LM")
     trainer = trainer_cls(model=model_path, reward_funcs=reward_funcs(run), args=args, train_dataset=train_dataset,
                           peft_config=peft_config)
-    before = heldout_rewards(trainer, heldout, run.eval_seeds) if heldout else None
+    before = heldout_completion_rewards(trainer, heldout, run.eval_seeds) if heldout else None
     start = time.time()
     trainer.train()
     result = {"method": method, "train_time_s": round(time.time() - start, 1), "steps": trainer.state.global_step}
     if heldout:
-        diff = heldout_rewards(trainer, heldout, run.eval_seeds) - before
-        result.update(heldout_samples=diff.numel(), heldout_reward_before=before.mean().item(),
-                      heldout_reward_after=(before + diff).mean().item(), heldout_improvement=diff.mean().item(),
-                      heldout_improvement_se=(diff.std() / diff.numel() ** 0.5).item())
+        change = paired_change(before, heldout_completion_rewards(trainer, heldout, run.eval_seeds))
+        result.update(heldout_samples=before.numel(), heldout_reward_before=change["before"],
+                      heldout_reward_after=change["after"], heldout_improvement=change["improvement"],
+                      heldout_improvement_se=change["improvement_se"])
         print(f"adrpo-grpo [{method}]: held-out reward before {result['heldout_reward_before']:.4f} -> after "
               f"{result['heldout_reward_after']:.4f} (change {result['heldout_improvement']:+.4f} +- "
-              f"{result['heldout_improvement_se']:.4f} SE, paired over {diff.numel()} prompt x seed samples)", flush=True)
+              f"{result['heldout_improvement_se']:.4f} SE, paired over {before.numel()} prompt x seed samples)", flush=True)
         if audio:
             swapped = [{**row, "audio": heldout[(i + 1) % len(heldout)]["audio"]} for i, row in enumerate(heldout)]
-            result["heldout_reward_audio_swapped"] = heldout_rewards(trainer, swapped, run.eval_seeds).mean().item()
+            result["heldout_reward_audio_swapped"] = heldout_completion_rewards(trainer, swapped, run.eval_seeds).mean().item()
             print(f"adrpo-grpo [{method}]: held-out reward with each clip swapped for another row's: "
                   f"{result['heldout_reward_audio_swapped']:.4f}", flush=True)
     result["curve"] = [{"step": h["step"], "reward": h["reward"], "entropy": h["entropy"]}
