@@ -16,7 +16,7 @@ def tiny_sd3_dir():
     return resolve_model("builtin:tiny-sd3")
 
 
-SHAPES_TEST_STEPS = 300  # in the cache directory's name: another recipe is never taken for this one
+SHAPES_TEST_STEPS = 150  # in the cache directory's name: another recipe is never taken for this one
 
 
 @pytest.fixture(scope="session")
