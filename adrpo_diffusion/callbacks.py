@@ -43,13 +43,13 @@ class HeldoutCheck(TrainerCallback):
 
     def on_train_begin(self, trainer) -> None:
         self.before = trainer.heldout_rewards(adapters=False)
-        trainer._log(f"held-out reward of the base model: {self.before[0].mean().item():.4f}")
+        trainer.log(f"held-out reward of the base model: {self.before[0].mean().item():.4f}")
 
     def on_train_end(self, trainer, summary: dict) -> None:
         before, before_images, before_parts = self.before
         after, images, after_parts = trainer.heldout_rewards(adapters=True)
         change = paired_change(before, after)  # paired over the same (prompt, seed) pairs: seed noise cancels
-        prompts = [trainer.prompts[i] for i, _ in trainer._heldout_pairs(trainer.cfg.eval_seeds)]
+        prompts = [trainer.prompts[i] for i, _ in trainer.heldout_pairs(trainer.cfg.eval_seeds)]
         details = trainer.scorer.details(before_images, prompts), trainer.scorer.details(images, prompts)
         summary.update({
             "heldout_samples": after.numel(),
@@ -64,16 +64,16 @@ class HeldoutCheck(TrainerCallback):
                                 if (details[0][name].isfinite() & details[1][name].isfinite()).any()},
         })
         if trainer.accelerator.is_main_process:
-            trainer._save_samples(before_images, "base")  # the same prompts and noise as final.png, before training
-            trainer._save_samples(images, "final")
+            trainer.save_samples(before_images, "base")  # the same prompts and noise as final.png, before training
+            trainer.save_samples(images, "final")
             (trainer.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        trainer._log(f"held-out reward (mean over {len(trainer.eval_indices)} prompts x {len(trainer.cfg.eval_seeds)} "
+        trainer.log(f"held-out reward (mean over {len(trainer.eval_indices)} prompts x {len(trainer.cfg.eval_seeds)} "
                      f"seeds; {summary['heldout_prompts']}): {change_line(change)}")
         if len(after_parts) > 1:
             for name, part in summary["heldout_parts"].items():
-                trainer._log(f"  {name} (raw, weight {trainer.scorer.weights[name]:g}): {change_line(part)}")
+                trainer.log(f"  {name} (raw, weight {trainer.scorer.weights[name]:g}): {change_line(part)}")
         for name, detail in summary["heldout_details"].items():
-            trainer._log(f"  {name}: {change_line(detail)}")
+            trainer.log(f"  {name}: {change_line(detail)}")
 
 
 class SampleGrids(TrainerCallback):
@@ -84,4 +84,4 @@ class SampleGrids(TrainerCallback):
         every = trainer.cfg.sample_every
         if every and trainer.step % every == 0 and trainer.accelerator.is_main_process:
             _, images, _ = trainer.heldout_rewards(seeds=trainer.cfg.eval_seeds[:1])
-            trainer._save_samples(images, f"step-{trainer.step}")
+            trainer.save_samples(images, f"step-{trainer.step}")

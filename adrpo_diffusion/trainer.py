@@ -172,7 +172,7 @@ class Trainer:
                 f"its {n_local} rollouts are not a multiple of images_per_prompt ({cfg.images_per_prompt}). Make "
                 f"prompts_per_step ({cfg.prompts_per_step}) a multiple of the number of processes ({acc.num_processes})."
             )
-        self.resume_dir = resolve_resume(cfg.resume_from_checkpoint, self.checkpoints_dir, dataclasses.asdict(cfg), self._log)
+        self.resume_dir = resolve_resume(cfg.resume_from_checkpoint, self.checkpoints_dir, dataclasses.asdict(cfg), self.log)
         set_seed(cfg.seed, device_specific=True)  # different rollouts on each process
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -244,7 +244,7 @@ class Trainer:
         self.nonfinite_total = 0
         self._warned_nonfinite_reward = False
         self.metrics_path = self.output_dir / "metrics.jsonl"
-        self._log(f"method: {self.method}")
+        self.log(f"method: {self.method}")
         if self.resume_dir is not None:
             if any(self.resume_dir.glob("custom_checkpoint_*.pkl")):
                 raise CheckpointError(f"{self.resume_dir} was written by an earlier version of adrpo_diffusion, whose "
@@ -255,9 +255,9 @@ class Trainer:
             except pickle.UnpicklingError as err:  # accelerate's torch.load(weights_only=True) of its own files
                 raise unsafe_file_error(self.resume_dir, err) from None
             self.step = checkpoint_step(self.resume_dir)
-            self._log(f"resumed from {self.resume_dir} at step {self.step}")
+            self.log(f"resumed from {self.resume_dir} at step {self.step}")
         elif cfg.resume_from_checkpoint == "latest":
-            self._log("no checkpoint found; starting a new run")
+            self.log("no checkpoint found; starting a new run")
         if acc.is_main_process:  # the run starts: only now are the output_dir's files replaced
             if cfg.overwrite_output_dir and cfg.resume_from_checkpoint is None:
                 for path in previous_run:
@@ -285,7 +285,8 @@ class Trainer:
         check_rng_state(input_dir, self.accelerator.process_index)
 
     # ------------------------------------------------------------------ helpers
-    def _log(self, message: str) -> None:
+    def log(self, message: str) -> None:
+        """Print ``[adrpo] message`` on the main process only."""
         if self.accelerator.is_main_process:
             print(f"[adrpo] {message}", flush=True)
 
@@ -326,7 +327,7 @@ class Trainer:
     def heldout_rewards(self, adapters: bool = True, seeds=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Rewards, images and each reward part's raw scores of the held-out (prompt, seed) pairs; seeded generators,
         global RNG untouched."""
-        pairs = self._heldout_pairs(self.cfg.eval_seeds if seeds is None else seeds)
+        pairs = self.heldout_pairs(self.cfg.eval_seeds if seeds is None else seeds)
         if not pairs:
             return torch.zeros(0), torch.zeros(0), {}
         generators = [torch.Generator().manual_seed(s * 100_003 + i) for i, s in pairs]
@@ -334,11 +335,13 @@ class Trainer:
         rewards, parts = self._score(images, [i for i, _ in pairs])
         return rewards.cpu(), images, {k: v.cpu() for k, v in parts.items()}
 
-    def _heldout_pairs(self, seeds) -> list[tuple[int, int]]:
+    def heldout_pairs(self, seeds) -> list[tuple[int, int]]:
         """The held-out (prompt index, seed) pairs, in the order of :meth:`heldout_rewards`' outputs."""
         return [(i, s) for s in seeds for i in self.eval_indices]
 
-    def _save_samples(self, images: torch.Tensor, name: str) -> None:
+    def save_samples(self, images: torch.Tensor, name: str) -> None:
+        """``samples/<name>.png``: held-out images (seed-major, as :meth:`heldout_rewards` returns them) in a grid of
+        one row per held-out prompt and one column per seed."""
         if not len(images):  # eval_prompts: 0
             return
         (self.output_dir / "samples").mkdir(parents=True, exist_ok=True)
@@ -504,14 +507,14 @@ class Trainer:
                     f.write(json.dumps(metrics) + "\n")
             if metrics["reward_nonfinite"] and not self._warned_nonfinite_reward:
                 self._warned_nonfinite_reward = True
-                self._log(f"step {self.step}: the reward was NaN or inf for {metrics['reward_nonfinite']} images; their "
+                self.log(f"step {self.step}: the reward was NaN or inf for {metrics['reward_nonfinite']} images; their "
                           "prompt groups were left out of the step (metrics.jsonl counts them in reward_nonfinite; this "
                           "is said once)")
             if metrics["skipped_empty"]:
-                self._log(f"step {self.step}: the method found nothing to train on (e.g. DPO: every group's rewards "
+                self.log(f"step {self.step}: the method found nothing to train on (e.g. DPO: every group's rewards "
                           "equal); no update")
             if metrics["skipped_nonfinite"]:
-                self._log(f"step {self.step}: non-finite loss or gradient, or no prompt group with finite rewards; step "
+                self.log(f"step {self.step}: non-finite loss or gradient, or no prompt group with finite rewards; step "
                           f"skipped ({self.nonfinite_in_a_row} in a row)")
                 if self.nonfinite_in_a_row >= cfg.max_consecutive_nonfinite:
                     raise NonFiniteLossError(
@@ -554,7 +557,7 @@ class Trainer:
         progress = tqdm(total=cfg.max_steps, initial=self.step, desc="ADRPO steps" if cfg.method == "adrpo" else cfg.method,
                         disable=not acc.is_main_process)
         self._last_save = time.monotonic()
-        with StopRequest(self._log) as stop:
+        with StopRequest(self.log) as stop:
             try:
                 self._loop(progress, stop)
             except RuntimeError as err:  # a collective that failed: another process of the run is gone
@@ -570,7 +573,7 @@ class Trainer:
                 self.family.export_lora(acc.unwrap_model(self.model), self.lora_config, self.output_dir)
             except OSError as err:
                 raise write_failed(self.output_dir / "pytorch_lora_weights.safetensors", err) from err
-        self._log(f"LoRA weights: {self.output_dir / 'pytorch_lora_weights.safetensors'}")
+        self.log(f"LoRA weights: {self.output_dir / 'pytorch_lora_weights.safetensors'}")
         summary = {"steps": self.step}
         for callback in self.callbacks:
             callback.on_train_end(self, summary)

@@ -45,7 +45,7 @@ def test_trainer_samples_have_one_labelled_row_per_prompt(tmp_path):
     # held-out images come seed-major: (seed 0: prompts 0, 1, 2), (seed 1: prompts 0, 1, 2)
     trainer = SimpleNamespace(output_dir=tmp_path, prompts=["p0", "skipped", "p1", "p2"], eval_indices=[0, 2, 3],
                               cfg=SimpleNamespace(eval_seeds=[1000, 1001]))
-    Trainer._save_samples(trainer, solid([0.1, 0.2, 0.3, 0.6, 0.7, 0.8]), "final")
+    Trainer.save_samples(trainer, solid([0.1, 0.2, 0.3, 0.6, 0.7, 0.8]), "final")
     grid = np.asarray(Image.open(tmp_path / "samples" / "final.png").convert("L"), dtype=float)
     top = grid.shape[0] - 3 * 96  # the seeds' band
     assert 8 < top < 40
