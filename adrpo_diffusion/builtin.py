@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from .utils import cache_dir, replace_directory
+from .utils import build_once, cache_dir
 
 PREFIX = "builtin:"
 MODELS = {  # name -> (builder, how long a build takes on a CPU)
@@ -55,12 +55,10 @@ def _build(name: str, builder: tuple[str, str]) -> Path:
     draw inside ``torch.random.fork_rng``): a run seeded before its model loads draws the same numbers either way."""
     revision = REVISIONS.get(name, 1)
     target = cache_dir() / (name if revision == 1 else f"{name}.r{revision}")
-    if not target.is_dir():  # renamed into place whole: present means complete
-        (module, function), duration = builder[0].split(":"), builder[1]
-        print(f"[adrpo] building {PREFIX}{name} once into {target} ({duration} on a CPU; later runs load it from there)",
-              flush=True)
-        replace_directory(target, getattr(importlib.import_module(module), function))
-    return target
+    (module, function), duration = builder[0].split(":"), builder[1]
+    return build_once(target, lambda directory: getattr(importlib.import_module(module), function)(directory),
+                      lambda: print(f"[adrpo] building {PREFIX}{name} once into {target} ({duration} on a CPU; later "
+                                    "runs load it from there)", flush=True))
 
 
 def resolve_model(name_or_path: str) -> str:

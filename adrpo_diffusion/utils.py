@@ -8,7 +8,7 @@
 - :func:`command_line_value`: one list syntax for every command (``--seeds 0 1`` or ``--seeds '[0, 1]'``);
 - :func:`mean_and_se` and :func:`paired_change`: the standard error used everywhere (held-out checks, tables, the
   method lab, the LLM demos);
-- :func:`cache_dir`: where built-in models and assets are built once;
+- :func:`cache_dir` and :func:`build_once`: where built-in models and assets are built, once, by one process;
 - :func:`check_source`: whether a model (local, cached or on the hub) can be loaded, asked before anything loads.
 """
 
@@ -138,6 +138,28 @@ def documented(default, help: str):
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
+
+
+def build_once(target: str | os.PathLike, build: Callable[[Path], object], announce: Callable[[], None] = lambda: None
+               ) -> Path:
+    """``target``, a directory built by ``build`` (:func:`replace_directory`) unless it exists. Processes that share
+    the cache (parallel tests, runs started together) take a file lock first, so one builds it and the others wait
+    and load it, never a directory being replaced. ``announce`` runs when this process builds."""
+    target = Path(target)
+    if target.is_dir():  # renamed into place whole: present means complete
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock (a cache shared by parallel processes is then unsafe)
+            fcntl = None
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not target.is_dir():  # not built by another process while this one waited
+            announce()
+            replace_directory(target, build)
+    return target
 
 
 def load_yaml_mapping(path: str | os.PathLike, error: type[Exception] = ValueError) -> dict:

@@ -25,13 +25,10 @@ def shapes_test_base():
     build) with fewer VAE and pre-training steps and a smaller image bank, built once per cache in under a minute.
     It draws coloured blobs more than shapes: the lab's mechanics, not its numbers, are under test."""
     from adrpo_diffusion.testing.shapes_base import build_tiny_sd3_shapes
-    from adrpo_diffusion.utils import cache_dir, replace_directory
+    from adrpo_diffusion.utils import build_once, cache_dir
 
-    target = cache_dir() / f"tiny-sd3-shapes-test-{SHAPES_TEST_STEPS}"
-    if not target.is_dir():  # renamed into place whole: present means complete
-        replace_directory(target, lambda tmp: build_tiny_sd3_shapes(tmp, steps=SHAPES_TEST_STEPS, vae_steps=60,
-                                                                    bank_size=512))
-    return str(target)
+    return str(build_once(cache_dir() / f"tiny-sd3-shapes-test-{SHAPES_TEST_STEPS}", lambda directory:
+                          build_tiny_sd3_shapes(directory, steps=SHAPES_TEST_STEPS, vae_steps=60, bank_size=512)))
 
 
 @pytest.fixture

@@ -55,3 +55,29 @@ def test_other_names_pass_through(name):
 def test_unknown_builtin_names_the_known_ones():
     with pytest.raises(ValueError, match="builtin:tiny-sd3, builtin:tiny-sd3-shapes, builtin:tiny-flux, builtin:tiny-sana"):
         resolve_model("builtin:tiny-sd4")
+
+
+def test_processes_that_share_the_cache_build_a_model_once(tmp_path):
+    """Three processes ask for the same directory at once: one builds it (slowly), the others wait for it and load
+    it; none sees a half-built or replaced directory."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from adrpo_diffusion.utils import build_once\n"
+        "root = Path(sys.argv[1])\n"
+        "def build(directory):\n"
+        "    with open(root / 'builds.log', 'a') as log:\n"
+        "        log.write('built\\n')\n"
+        "    time.sleep(1.0)\n"
+        "    (directory / 'weights').write_text('complete')\n"
+        "print((build_once(root / 'model', build) / 'weights').read_text())\n"
+    )
+    processes = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+                 for _ in range(3)]
+    outputs = [p.communicate(timeout=60)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0]
+    assert outputs == ["complete\n"] * 3
+    assert (tmp_path / "builds.log").read_text() == "built\n"
