@@ -24,6 +24,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+try:
+    import fcntl
+except ImportError:  # not POSIX (build_once then takes no lock)
+    fcntl = None
+
 if TYPE_CHECKING:
     import torch
 
@@ -150,11 +155,7 @@ def build_once(target: str | os.PathLike, build: Callable[[Path], object], annou
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock (a cache shared by parallel processes is then unsafe)
-            fcntl = None
-        if fcntl is not None:
+        if fcntl is not None:  # not POSIX: no lock (a cache shared by parallel processes is then unsafe)
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not target.is_dir():  # not built by another process while this one waited
             announce()

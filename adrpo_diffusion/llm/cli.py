@@ -21,11 +21,10 @@ from pathlib import Path
 
 import yaml
 
-from ..builtin import LANGUAGE_MODELS, PREFIX, resolve_language_model
+from ..builtin import LANGUAGE_MODELS, PREFIX, is_builtin, resolve_language_model
 from ..utils import check_source, paired_change
 
-BUILTIN = PREFIX
-BUILTIN_MODELS = tuple(BUILTIN + name for name in LANGUAGE_MODELS)
+BUILTIN_MODELS = tuple(PREFIX + name for name in LANGUAGE_MODELS)
 FIRST_LETTER, AUDIO_PITCH = "builtin:first-letter", "builtin:audio-pitch"  # the demo tasks (adrpo_diffusion.tasks)
 LORA_TARGETS = r"^(?!.*(audio_tower|visual|vision)).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
@@ -173,7 +172,7 @@ def trainer_args(method: str, trainer_kwargs: dict, output_dir: Path):
 
 def check_model_source(name: str, key: str, builtins: tuple) -> None:
     """Fail before anything heavy loads if ``name`` cannot be loaded (offline and neither local nor cached)."""
-    if name.startswith(BUILTIN):
+    if is_builtin(name):
         if name not in builtins:
             raise ConfigError(f"Unknown built-in {key} {name!r}; built-ins: {', '.join(builtins)}")
         return
@@ -196,7 +195,7 @@ def load_prompts(run: RunArguments):
         dataset = Dataset.from_dict({"prompt": first_letter_prompts(run.num_prompts)})
     elif run.dataset_name == AUDIO_PITCH:
         dataset = Dataset.from_list(pitch_rows(run.num_prompts or 1024))
-    elif run.dataset_name.startswith(BUILTIN):
+    elif is_builtin(run.dataset_name):
         raise ConfigError(f"Unknown built-in dataset_name {run.dataset_name!r}; built-ins: {FIRST_LETTER}, {AUDIO_PITCH}")
     elif run.dataset_format == "avqa":
         from .audio_data import load_avqa, question_rows
