@@ -5,23 +5,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from . import settings
 from .losses import TIME_SAMPLING
 from .methods import available_methods, build_method, method_problems, methods_help, methods_with_option
 from .scorers import check_reward
-from .utils import command_line_value, load_yaml_mapping, unknown_keys_message
-from .utils import documented as _f
-
-
-class ConfigError(ValueError):
-    pass
+from .settings import ConfigError  # noqa: F401  (the error of load_config and config_from_args)
+from .settings import documented as _f
 
 
 @dataclass
@@ -135,52 +128,24 @@ RESUME_MAY_CHANGE = (
 )
 
 
-def _type_of(name: str):
-    hint = typing.get_type_hints(TrainConfig)[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if typing.get_origin(hint) is typing.Union else hint
+def _reward(value):
+    """reward: a scorer name or a mapping of scorer names to weights; validate checks what they name."""
+    if isinstance(value, (str, dict)):
+        return value
+    raise ValueError(f"reward must be a scorer name or a mapping of scorer names to weights, got {value!r} "
+                     f"({type(value).__name__})")
 
 
-def _coerce(name: str, value):
-    kind = _type_of(name)
-    if value is None and name == "resume_from_checkpoint":
-        return None
-    if name == "reward":  # a name or a mapping; validate checks what they name
-        if isinstance(value, (str, dict)):
-            return value
-        raise ConfigError(f"reward must be a scorer name or a mapping of scorer names to weights, got {value!r} "
-                          f"({type(value).__name__})")
-    if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        try:
-            return float(value)  # YAML reads 1e-4 (no dot) as a string
-        except ValueError:
-            pass
-    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{name} must be {getattr(kind, '__name__', kind)}, got {value!r} ({type(value).__name__})")
-    return value
+def _method_option(key: str) -> str | None:
+    owners = methods_with_option(key)
+    return f" (a parameter of {', '.join(owners)}: give it in method_options)" if owners else None
 
 
-def unknown_key_error(keys, source: str) -> ConfigError:
-    def method_option(key):
-        owners = methods_with_option(key)
-        return f" (a parameter of {', '.join(owners)}: give it in method_options)" if owners else None
-
-    return ConfigError(unknown_keys_message(keys, FIELDS, source, hint=method_option))
-
-
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
-    """Read a YAML file (if any), apply ``overrides`` on top, check types, and validate."""
-    values: dict = {}
-    if path is not None:
-        loaded = load_yaml_mapping(path, ConfigError)
-        unknown = [k for k in loaded if k not in FIELDS]
-        if unknown:
-            raise unknown_key_error(unknown, str(path))
-        values.update(loaded)
-    values.update(overrides or {})
-    config = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+def load_config(path: str | Path | None = None, overrides: dict | None = None, *,
+                overrides_from: str = "the overrides") -> TrainConfig:
+    """Read a YAML file (if any), apply ``overrides`` on top, check keys and types, and validate."""
+    config = settings.load(TrainConfig, path, overrides, hint=_method_option, convert={"reward": _reward},
+                           overrides_from=overrides_from)
     validate(config)
     return config
 
@@ -226,41 +191,14 @@ def validate(cfg: TrainConfig) -> None:
         warnings.warn(message, stacklevel=2)
 
 
-def _takes_a_list(name: str) -> bool:
-    return list in (_type_of(name), *typing.get_args(typing.get_type_hints(TrainConfig)[name]))
-
-
-def _default_text(f: dataclasses.Field) -> str:
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    return json.dumps(default) if isinstance(default, (list, dict)) else str(default)
-
-
 def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="adrpo-train", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+    return settings.arg_parser(
+        TrainConfig, "adrpo-train", epilog=methods_help(),
         description="Online RL fine-tuning of SD3-family models with LoRA (ADRPO and baselines).\n"
         "Every config key can be given as --key value; values are parsed as YAML (--method_options '{beta0: 0.5}'); "
-        "a list is\nseveral values or one YAML list (--eval_seeds 1 2, or --eval_seeds '[1, 2]').",
-        epilog=methods_help(),
-    )
-    parser.add_argument("--config", help="YAML config file (see configs/).")
-    for name, f in FIELDS.items():
-        parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="VALUE",
-                            nargs="+" if _takes_a_list(name) else None,
-                            help=f"{f.metadata['help']} (default: {_default_text(f)})".replace("%", "%%"))  # argparse
-        # reads % as a format code
-    return parser
+        "a list is\nseveral values or one YAML list (--eval_seeds 1 2, or --eval_seeds '[1, 2]').")
 
 
 def config_from_args(argv=None) -> TrainConfig:
-    parser = build_arg_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        flags = [a.lstrip("-").split("=")[0] for a in unknown if a.startswith("--")]
-        raise unknown_key_error(flags or unknown, "the command line")
-    def parse(name, raw):  # str fields keep the raw text; the rest, and reward (a name or a mapping), are YAML
-        return raw if _type_of(name) is str and name != "reward" else yaml.safe_load(raw)
-
-    overrides = {name: command_line_value(raw, lambda text, name=name: parse(name, text), _type_of(name) is list)
-                 for name, raw in vars(args).items() if name != "config"}
-    return load_config(args.config, overrides)
+    args, overrides = settings.overrides_from_args(TrainConfig, build_arg_parser(), argv)
+    return load_config(args.config, overrides, overrides_from="the command line")

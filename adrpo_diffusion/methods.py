@@ -17,7 +17,6 @@ Config: ``method: NAME`` and ``method_options: {...}`` (the fields of that metho
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import textwrap
 import typing
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import ClassVar
 
 import torch
 
+from . import settings
 from .advantages import NORMALIZATIONS, group_advantages, group_means, local_slice, normalized_advantages, preference_pairs
 from .losses import (
     awm_log_prob,
@@ -35,7 +35,7 @@ from .losses import (
     per_sample_mse,
     weighted_fm_w2_loss,
 )
-from .utils import documented
+from .settings import documented
 
 
 @dataclass(frozen=True)
@@ -158,25 +158,10 @@ def available_methods() -> list[str]:
     return list(_REGISTRY)
 
 
-def _option_problems(cls: type[Method], options: dict) -> tuple[dict, list[str]]:
-    """Options typed as the method's fields (an int is accepted for a float), and the problems found."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    values, problems = {}, []
-    for key, value in options.items():
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            problems.append(f"unknown option {key!r} for method {cls.name!r}"
-                            + (f" (did you mean {close[0]!r}?)" if close else "") + f"; valid: {', '.join(fields)}")
-            continue
-        kind = hints[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            problems.append(f"method_options.{key} must be {kind.__name__}, got {value!r}")
-            continue
-        values[key] = value
-    return values, problems
+def _typed_method(name: str, options: dict, problems: list[str]) -> Method | None:
+    """The method with its options typed as its fields (the config engine's checks), or None with the problems."""
+    return settings.from_mapping(_REGISTRY[name], options, f"method_options of {name}", problems,
+                                 prefix="method_options.")
 
 
 def method_problems(name: str, options: dict, images_per_prompt: int) -> list[str]:
@@ -185,15 +170,16 @@ def method_problems(name: str, options: dict, images_per_prompt: int) -> list[st
         return [f"method must be one of {', '.join(_REGISTRY)}, got {name!r}"]
     if not isinstance(options, dict):
         return [f"method_options must be a mapping of {name}'s parameters, got {options!r}"]
-    values, problems = _option_problems(_REGISTRY[name], options)
-    return problems or _REGISTRY[name](**values).problems(images_per_prompt)
+    problems: list[str] = []
+    method = _typed_method(name, options, problems)
+    return problems or method.problems(images_per_prompt)
 
 
 def build_method(name: str, options: dict, images_per_prompt: int) -> Method:
     problems = method_problems(name, options, images_per_prompt)
     if problems:
         raise ValueError("; ".join(problems))
-    return _REGISTRY[name](**_option_problems(_REGISTRY[name], options)[0])
+    return _typed_method(name, options, problems)
 
 
 def methods_with_option(key: str) -> list[str]:

@@ -3,9 +3,7 @@
 - :func:`write_atomic` and :func:`replace_directory`: a file or a directory written under a temporary name and
   renamed into place, so an interrupted write never leaves a half-written result behind; :func:`umask_permissions`
   gives what they (and safetensors) write the permissions of the process's umask;
-- :func:`documented`, :func:`load_yaml_mapping` and :func:`unknown_keys_message`: documented config fields, YAML
-  config files and the did-you-mean message of both configs (training and evaluation);
-- :func:`command_line_value`: one list syntax for every command (``--seeds 0 1`` or ``--seeds '[0, 1]'``);
+- :func:`did_you_mean`: the closest valid name, for every error about an unknown name (config keys, scorers);
 - :func:`mean_and_se` and :func:`paired_change`: the standard error used everywhere (held-out checks, tables, the
   method lab, the LLM demos);
 - :func:`cache_dir` and :func:`build_once`: where built-in models and assets are built, once, by one process;
@@ -135,16 +133,6 @@ def replace_directory(target: str | os.PathLike, build: Callable[[Path], object]
     return target
 
 
-def documented(default, help: str):
-    """A dataclass field with a help string (shown by each command's ``--help``); a list or dict default is copied
-    for every instance."""
-    from dataclasses import field
-
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
 def build_once(target: str | os.PathLike, build: Callable[[Path], object], announce: Callable[[], None] = lambda: None
                ) -> Path:
     """``target``, a directory built by ``build`` (:func:`replace_directory`) unless it exists. Processes that share
@@ -163,47 +151,10 @@ def build_once(target: str | os.PathLike, build: Callable[[Path], object], annou
     return target
 
 
-def load_yaml_mapping(path: str | os.PathLike, error: type[Exception] = ValueError) -> dict:
-    """The mapping a YAML config file holds (empty file: ``{}``); ``error`` for a missing file, bad YAML or a
-    top level that is not a mapping."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"Config file {path} does not exist.")
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise error(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(loaded, dict):
-        raise error(f"{path} must hold a mapping of config keys to values.")
-    return loaded
-
-
 def did_you_mean(key: str, valid: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest valid key, or an empty string."""
     close = difflib.get_close_matches(str(key), list(valid), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def unknown_keys_message(keys: Iterable[str], valid: Iterable[str], where: str,
-                         hint: Callable[[str], str | None] = lambda key: None) -> str:
-    """``Unknown config key(s) in <where>: 'key' (did you mean 'x'?), ... Valid keys: ...``; ``hint(key)``, when it
-    returns text, replaces the did-you-mean of that key."""
-    valid = list(valid)
-    names = ", ".join(f"{key!r}{hint(key) or did_you_mean(key, valid)}" for key in keys)
-    return f"Unknown config key(s) in {where}: {names}. Valid keys: {', '.join(valid)}"
-
-
-def command_line_value(raw: str | list[str], parse: Callable[[str], object], is_list: bool):
-    """A config key's value from the command line, where list keys take ``nargs="+"``: several words are a list of
-    parsed items (``--seeds 0 1``); one word is its parsed value (``--seeds '[0, 1]'``), put in a list for a list key
-    (``--seeds 0``)."""
-    if not isinstance(raw, list):
-        return parse(raw)
-    values = [parse(item) for item in raw]
-    value = values[0] if len(values) == 1 else values
-    return [value] if is_list and not isinstance(value, list) else value
 
 
 def mean_and_se(values) -> tuple[float, float | None]:

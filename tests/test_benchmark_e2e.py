@@ -63,7 +63,7 @@ def test_e2e_tiny_two_variants(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--variant", "fast:no_such_key=1"], "variant 'fast': Unknown config key(s)"),
+    (["--variant", "fast:no_such_key=1"], "Unknown config key(s) in the command line: 'no_such_key'"),
     (["--variant", "fast:rollout_batch_size=0"], "rollout_batch_size must be >= 1"),
     (["--variant", "fast:compile_transformer"], "'compile_transformer' is not KEY=VALUE"),
     (["--variant", "fast"], "give baseline (the config as is) or NAME:KEY=VALUE"),

@@ -51,8 +51,9 @@ def test_unknown_command_line_flag(capsys):
         (["--method_options", "{beta0: 0}"], "beta0 must be > 0"),
         (["--method_options", "{beta0: -1}"], "beta0 must be > 0"),
         (["--method_options", "{advantage_min: 1, advantage_max: 1}"], "advantage_min (1.0) must be < advantage_max (1.0)"),
-        (["--method", "dpo", "--method_options", "{dpo_beta: 1}"], "unknown option 'dpo_beta' for method 'dpo' (did "
-                                                                    "you mean 'beta'?); valid: beta, pairs, min_gap"),
+        (["--method", "dpo", "--method_options", "{dpo_beta: 1}"], "Unknown config key(s) in method_options of dpo: "
+                                                                    "'dpo_beta' (did you mean 'beta'?). Valid keys: "
+                                                                    "beta, pairs, min_gap"),
         (["--method", "raft", "--method_options", "{top_k: 8}"], "top_k must be in [1, images_per_prompt - 1 = 7]"),
         (["--method_options", "[1]"], "method_options must be dict"),
         (["--images_per_prompt", "1"], "images_per_prompt (K) must be >= 2"),
@@ -100,7 +101,7 @@ def test_prompt_file_list_and_heldout_fraction(capsys):
     assert cfg.prompt_file == ["prompts/colors.txt"] * 2 and cfg.heldout_fraction == 0.25
     for flag, value, message in [("--heldout_fraction", "1", "heldout_fraction must be in [0, 1), got 1.0"),
                                  ("--prompt_file", "[]", "prompt_file must be a file or a non-empty list of files"),
-                                 ("--prompt_file", "7", "prompt_file must be str | list, got 7")]:
+                                 ("--prompt_file", "7", "prompt_file must be str or list, got 7 (int)")]:
         code, err = run_cli(["--config", "configs/tiny_cpu.yaml", flag, value], capsys)
         assert code == 2 and message in err, err
 

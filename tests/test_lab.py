@@ -329,3 +329,30 @@ def test_runs_selects_runs_by_name_and_rejects_unknown_ones(capsys):
     with pytest.raises(SystemExit):
         main(["--methods", "ppo"])
     assert "unknown method(s) ['ppo']" in capsys.readouterr().err
+
+
+def test_lab_settings_come_from_the_config_engine(tmp_path, capsys, monkeypatch):
+    """adrpo-lab reads a YAML file with --key value on top, like every command, and names every problem at once."""
+    from adrpo_diffusion.lab import experiment
+
+    seen = {}
+    monkeypatch.setattr(experiment, "run_lab", lambda settings, resume: seen.update(settings=settings) or {"seconds": 0})
+    monkeypatch.setattr(experiment, "check_model_source", lambda name: None)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "lab_table.md").write_text("table")
+    config = tmp_path / "lab.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'out'}\nsteps: 40\nseeds: [0, 1]\nmatched_diversity: 1\n")
+    assert experiment.main(["--config", str(config), "--steps", "80", "--methods", "raft", "dpo"]) == 0
+    got = seen["settings"]
+    assert (got.steps, got.seeds, got.methods, got.matched_diversity) == (80, [0, 1], ["raft", "dpo"], 1.0)
+    assert isinstance(got.matched_diversity, float) and got.eval_every == 20  # the rest: the defaults
+    assert experiment.main(["--quick", "--config", str(config)]) == 0  # --quick under the file and the command line
+    assert (seen["settings"].steps, seen["settings"].sampler_steps) == (40, experiment.QUICK["sampler_steps"])
+    config.write_text("step: 40\nseeds: zero\n")
+    with pytest.raises(SystemExit):
+        experiment.main(["--config", str(config)])
+    err = capsys.readouterr().err
+    assert "'step' (did you mean 'steps'?)" in err and "seeds must be list, got 'zero' (str)" in err
+    with pytest.raises(SystemExit):
+        experiment.main(["--eval_evry", "10"])
+    assert "'eval_evry' (did you mean 'eval_every'?)" in capsys.readouterr().err

@@ -192,10 +192,10 @@ def test_dpo_loss_on_interleaved_rows_is_flow_dpo_loss():
         ("awm", {"weighting": "huber"}, "weighting must be ghuber or uniform"),
         ("awm", {"clip_range": 0}, "clip_range must be > 0"),
         ("orw-cfm-w2", {"normalize": "none", "advantage_normalization": "group_std"}, "needs normalize: group"),
-        ("dpo", {"dpo_beta": 10.0}, "unknown option 'dpo_beta' for method 'dpo' (did you mean 'beta'?); valid: beta, "
-                                    "pairs, min_gap"),
+        ("dpo", {"dpo_beta": 10.0}, "Unknown config key(s) in method_options of dpo: 'dpo_beta' (did you mean "
+                                    "'beta'?). Valid keys: beta, pairs, min_gap"),
         ("adrpo", {"beta_0": 1.0}, "(did you mean 'beta0'?)"),
-        ("raft", {"top_k": 1.5}, "method_options.top_k must be int, got 1.5"),
+        ("raft", {"top_k": 1.5}, "method_options.top_k must be int, got 1.5 (float)"),
         ("dpo", {"beta": 0}, "beta must be > 0, got 0.0"),
         ("dpo", {"pairs": "best"}, "pairs must be best-worst or all"),
         ("dpo", {"min_gap": -1}, "min_gap must be >= 0"),

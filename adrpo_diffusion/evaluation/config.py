@@ -8,15 +8,12 @@ import argparse
 import dataclasses
 import json
 import re
-import types
-import typing
 import warnings
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
 
-import yaml
-
+from .. import settings
 from ..builtin import is_builtin, resolve_asset
 from ..checkpoint import LORA_WEIGHTS_NAME
 from ..prompts import PromptFileError, is_heldout, load_prompts
@@ -24,8 +21,8 @@ from ..scorers import available_scorers, check_scorer, check_scorer_sources
 from ..scorers.custom import is_custom
 from ..scorers.diversity import DEFAULT_OPTIONS as DIVERSITY_DEFAULTS
 from ..scorers.diversity import diversity_options
-from ..utils import command_line_value, load_yaml_mapping, unknown_keys_message
-from ..utils import documented as _f
+from ..settings import ConfigError, required
+from ..settings import documented as _f
 
 # Table 1 of the paper, in its column order.
 TABLE1_METRICS = ["clipscore", "clipdiversity", "aesthetic", "blipscore", "imagereward", "pickscore"]
@@ -39,20 +36,16 @@ OPTIONAL_MODULES = {"matplotlib": ("matplotlib", "clipdiversity", "the reward_vs
                     "open_clip": ("open_clip_torch", "hpsv2", "the hpsv2 metric")}
 
 
-class EvalConfigError(ValueError):
+class EvalConfigError(ConfigError):
     pass
-
-
-def _required(help: str):
-    return field(metadata={"help": help})
 
 
 @dataclass
 class ModelSpec:
     """One row of the table: a base pipeline, optionally with a LoRA, and its sampling settings."""
 
-    name: str = _required("Row label and directory name (letters, digits, . _ + -).")
-    base: str = _required("Hub id or local directory of a diffusers pipeline of a supported family (SD3, FLUX.1, "
+    name: str = required("Row label and directory name (letters, digits, . _ + -).")
+    base: str = required("Hub id or local directory of a diffusers pipeline of a supported family (SD3, FLUX.1, "
                           "SANA), or builtin:tiny-sd3, builtin:tiny-flux, builtin:tiny-sana.")
     lora: str | None = _f(None, "Directory holding pytorch_lora_weights.safetensors (as adrpo-train writes).")
     pipeline: str = _f("auto", "auto (the family is read from the pipeline's model_index.json) or a family's pipeline "
@@ -72,8 +65,8 @@ class ModelSpec:
 class PromptSet:
     """A named prompt file."""
 
-    name: str = _required("Name in tables and directory names.")
-    file: str = _required("Prompt file (.txt, .csv/.tsv with a 'prompt' column, .jsonl). A CSV 'category' column "
+    name: str = required("Name in tables and directory names.")
+    file: str = required("Prompt file (.txt, .csv/.tsv with a 'prompt' column, .jsonl). A CSV 'category' column "
                          "(DrawBench's) gives a per-category breakdown.")
 
 
@@ -138,67 +131,28 @@ class PromptEntry:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(EvalConfig)}
-_TEXT_FIELDS = {n for n, t in typing.get_type_hints(EvalConfig).items() if t in (str, str | None)}
-_LIST_FIELDS = {n for n, t in typing.get_type_hints(EvalConfig).items() if t is list}
 
 
-def _check_type(where: str, value, kind) -> list[str]:
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return []
-    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-        return []
-    return [f"{where} must be {kind.__name__}, got {value!r}"]
-
-
-def _typed(cls, values: dict, where: str, problems: list[str]):
-    """``cls(**values)`` after checking keys and types; problems are appended, None returned when any."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if not isinstance(values, dict):
-        problems.append(f"{where} must be a mapping with keys {', '.join(fields)}, got {values!r}")
-        return None
-    unknown = [k for k in values if k not in fields]
-    if unknown:
-        problems.append(unknown_keys_message(unknown, fields, where))
-        return None
-    hints = typing.get_type_hints(cls)
-    before = len(problems)
-    for key, value in values.items():
-        kind = hints[key]
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):
-            if value is None:
-                continue
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        problems += _check_type(f"{where}.{key}", value, kind)
-    for key, f in fields.items():
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and key not in values:
-            problems.append(f"{where} needs '{key}' ({f.metadata['help']})")
-    if len(problems) > before:
-        return None
-    converted = {k: float(v) if hints[k] is float else v for k, v in values.items()}
-    return cls(**converted)
-
-
-def load_eval_config(path: str | Path | None = None, overrides: dict | None = None) -> EvalConfig:
-    """Read a YAML file (if any), apply ``overrides`` on top, check keys and types, and validate."""
-    values: dict = {}
-    if path is not None:
-        values.update(load_yaml_mapping(path, EvalConfigError))
-    values.update(overrides or {})
-    source = f"{path or 'no config file'}{', with command-line overrides' if overrides else ''}"
-    header = f"Invalid evaluation config ({source}):\n  "
+def load_eval_config(path: str | Path | None = None, overrides: dict | None = None, *,
+                     overrides_from: str = "the overrides") -> EvalConfig:
+    """Read a YAML file (if any), apply ``overrides`` on top, check keys and types (the models' and prompt sets'
+    too), and validate."""
+    source = settings.source_text(path, overrides)
     problems: list[str] = []
-    cfg = _typed(EvalConfig, values, "config", problems)
-    if cfg is None:
-        raise EvalConfigError(header + "\n  ".join(problems))
-    cfg.models = [_typed(ModelSpec, m, f"models[{i}]", problems) for i, m in enumerate(cfg.models)]
-    for model in cfg.models:
-        if model is not None and model.resolution is None:
-            model.resolution = cfg.resolution
-    cfg.prompt_sets = [_typed(PromptSet, s, f"prompt_sets[{i}]", problems) for i, s in enumerate(cfg.prompt_sets)]
-    if not problems:
-        problems = validate(cfg)
+    values = settings.read_values(EvalConfig, path, overrides, problems, error=EvalConfigError,
+                                  overrides_from=overrides_from)
+    cfg = settings.from_mapping(EvalConfig, values, source, problems)
+    if cfg is not None:
+        cfg.models = [settings.from_mapping(ModelSpec, m, f"models[{i}]", problems, prefix=f"models[{i}].")
+                      for i, m in enumerate(cfg.models)]
+        for model in cfg.models:
+            if model is not None and model.resolution is None:
+                model.resolution = cfg.resolution
+        cfg.prompt_sets = [settings.from_mapping(PromptSet, s, f"prompt_sets[{i}]", problems,
+                                                 prefix=f"prompt_sets[{i}].") for i, s in enumerate(cfg.prompt_sets)]
+        problems = problems or validate(cfg)
     if problems:
-        raise EvalConfigError(header + "\n  ".join(problems))
+        raise EvalConfigError(f"Invalid evaluation config ({source}):\n  " + "\n  ".join(problems))
     cfg.metric_options = resolve_builtin_assets(cfg.metric_options)
     return cfg
 
@@ -406,28 +360,14 @@ def load_prompt_set(prompt_set: PromptSet, max_prompts: int | None = None,
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="adrpo-evaluate", allow_abbrev=False,
+    return settings.arg_parser(
+        EvalConfig, "adrpo-evaluate", config_help="YAML config file (see configs/eval_*.yaml).",
         description="Generate images with each model, score them with the Table 1 metrics, and write table1.md/.csv/"
         ".tex, results.json and reward_vs_diversity.png. Every config key can be given as --key value (values are "
         "parsed as YAML; a list is several values or one YAML list: --seeds 0 1, or --seeds '[0, 1]'). Score a folder "
-        "of images made elsewhere with --images_dir DIR.",
-    )
-    parser.add_argument("--config", help="YAML config file (see configs/eval_*.yaml).")
-    for name, f in FIELDS.items():
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="VALUE",
-                            nargs="+" if name in _LIST_FIELDS else None,  # argparse reads help as a %-format string
-                            help=f"{f.metadata['help']} (default: {json.dumps(default)})".replace("%", "%%"))
-    return parser
+        "of images made elsewhere with --images_dir DIR.")
 
 
 def eval_config_from_args(argv=None) -> EvalConfig:
-    args, unknown = build_arg_parser().parse_known_args(argv)
-    if unknown:
-        flags = [a.lstrip("-").split("=")[0] for a in unknown if a.startswith("--")]
-        raise EvalConfigError(unknown_keys_message(flags or unknown, FIELDS, "the command line"))
-    overrides = {name: command_line_value(raw, lambda text, name=name: text if name in _TEXT_FIELDS else yaml.safe_load(text),
-                                          name in _LIST_FIELDS)
-                 for name, raw in vars(args).items() if name != "config"}
-    return load_eval_config(args.config, overrides)
+    args, overrides = settings.overrides_from_args(EvalConfig, build_arg_parser(), argv, error=EvalConfigError)
+    return load_eval_config(args.config, overrides, overrides_from="the command line")

@@ -42,13 +42,15 @@ import gc
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..callbacks import TrainerCallback
 from ..families import check_model_source
+from ..settings import ConfigError, arg_parser, load, overrides_from_args
+from ..settings import documented as _f
 from ..utils import paired_change, umask_permissions
 
 CHECK_NAMES = ("colour", "shape", "count", "position")
@@ -92,26 +94,28 @@ class LabRun:
 class LabSettings:
     """What every run shares. The defaults are the full lab: the frontier, one seed."""
 
-    output_dir: str = "outputs/method-lab"
-    pretrained_model: str = "builtin:tiny-sd3-shapes"
-    prompt_file: str = "prompts/shapes.txt"
-    reward: str = "shapes"
-    seeds: list = field(default_factory=lambda: [0])
-    steps: int = 60
-    eval_every: int = 20
-    prompts_per_step: int = 4
-    images_per_prompt: int = 8
-    timesteps_per_sample: int = 4
-    learning_rates: list = field(default_factory=list)  # empty: each method's rate of LEARNING_RATES
-    sampler_steps: int = 12
-    methods: list = field(default_factory=lambda: list(FRONTIER))
-    strengths: int = 3  # the first n strengths of each method's three
-    eval_images: int = 8
-    eval_seed: int = 10_000
-    val_images: int = 8
-    val_seed: int = 50_000  # its seeds (val_seed + 1000 i + j) never meet the held-out ones
-    matched_diversity: float = 0.9  # the matched-diversity table: feature diversity >= this fraction of the base's
-    runs: list = field(default_factory=list)  # only these runs (by name)
+    output_dir: str = _f("outputs/method-lab", "Where results.json, the tables, plots, grids and each run's files go.")
+    pretrained_model: str = _f("builtin:tiny-sd3-shapes", "The base every run fine-tunes: a pipeline of the SD3 family "
+                                                          "that reads the shapes captions.")
+    prompt_file: str = _f("prompts/shapes.txt", "The training captions (of the shapes grammar).")
+    reward: str = _f("shapes", "The reward every run maximises (a scorer name).")
+    seeds: list = _f([0], "Training seeds; each run is repeated for each.")
+    steps: int = _f(60, "Training steps per run.")
+    eval_every: int = _f(20, "Steps between held-out evaluations (and checkpoints); steps must be a multiple of it.")
+    prompts_per_step: int = _f(4, "Prompts per training step.")
+    images_per_prompt: int = _f(8, "Images per prompt (the group of the advantages).")
+    timesteps_per_sample: int = _f(4, "Stratified loss times per image.")
+    learning_rates: list = _f([], "Sweep these rates on the first seed and keep the best on validation seeds; empty: "
+                                  "each method's own rate (LEARNING_RATES).")
+    sampler_steps: int = _f(12, "Euler steps of rollouts and held-out samples.")
+    methods: list = _f(list(FRONTIER), "Only these methods of the frontier.")
+    strengths: int = _f(3, "The first 1, 2 or 3 strengths of each method's regulariser.")
+    eval_images: int = _f(8, "Held-out images per prompt (seeds eval_seed + 1000 i + j).")
+    eval_seed: int = _f(10_000, "The first held-out seed.")
+    val_images: int = _f(8, "Validation images per prompt, which choose each run's checkpoint.")
+    val_seed: int = _f(50_000, "The first validation seed (its seeds never meet the held-out ones).")
+    matched_diversity: float = _f(0.9, "The matched-diversity table: feature diversity >= this fraction of the base's.")
+    runs: list = _f([], "Only these runs, by their names in the table, e.g. 'adrpo beta0=1' 'nft kl_beta=0.1'.")
 
     def training(self) -> dict:
         """TrainConfig values shared by every run (a run's overrides go on top)."""
@@ -126,12 +130,33 @@ class LabSettings:
         )
 
 
+# A smoke scale for tests (adrpo-lab --quick): one seed, two steps each evaluated, a few images of 6 Euler steps, two
+# strengths of three methods.
+QUICK = dict(steps=2, eval_every=1, sampler_steps=6, prompts_per_step=2, images_per_prompt=4, timesteps_per_sample=1,
+             learning_rates=[3e-3, 3e-2], methods=["adrpo", "raft", "nft"], strengths=2, eval_images=2, val_images=2)
+
+
 def quick_settings(output_dir: str) -> LabSettings:
-    """A smoke scale for tests: one seed, two steps each evaluated, a few images of 6 Euler steps, two strengths of
-    three methods."""
-    return LabSettings(output_dir=output_dir, steps=2, eval_every=1, sampler_steps=6, prompts_per_step=2, images_per_prompt=4,
-                       timesteps_per_sample=1, learning_rates=[3e-3, 3e-2], methods=["adrpo", "raft", "nft"],
-                       strengths=2, eval_images=2, val_images=2)
+    return LabSettings(output_dir=output_dir, **QUICK)
+
+
+def settings_problems(settings: LabSettings) -> list[str]:
+    """What is wrong with ``settings``, checked before any model loads."""
+    problems = []
+    if min(settings.steps, settings.eval_every, settings.sampler_steps) < 1 or not settings.seeds:
+        problems.append("steps, eval_every and sampler_steps must be positive and seeds non-empty")
+    elif settings.steps % settings.eval_every:
+        problems.append(f"steps ({settings.steps}) must be a multiple of eval_every ({settings.eval_every})")
+    if len(set(settings.seeds)) != len(settings.seeds):
+        problems.append(f"seeds must be distinct, got {settings.seeds}")
+    if any(lr <= 0 for lr in settings.learning_rates):
+        problems.append(f"learning_rates must be positive, got {settings.learning_rates}")
+    for check in (lambda: lab_runs(settings), lambda: check_model_source(settings.pretrained_model)):
+        try:
+            check()
+        except (ValueError, FileNotFoundError) as err:
+            problems.append(str(err))
+    return problems
 
 
 def lab_runs(settings: LabSettings) -> list[LabRun]:
@@ -660,52 +685,26 @@ def save_comparison(results: dict, prompts: list[str], out: Path, per_cell: int 
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    defaults = LabSettings()
-    parser = argparse.ArgumentParser(prog="adrpo-lab", description="The method lab: each method's reward-diversity "
-                                     "frontier on the coloured-shapes task (docs/method_lab.md).")
-    parser.add_argument("--output_dir", default=defaults.output_dir)
-    parser.add_argument("--quick", action="store_true", help="smoke scale: one seed, two steps, a few images")
-    parser.add_argument("--seeds", type=int, nargs="+", help=f"training seeds (default {defaults.seeds})")
-    parser.add_argument("--steps", type=int, help=f"training steps per run (default {defaults.steps})")
-    parser.add_argument("--eval_every", type=int, help=f"steps between held-out evaluations (default {defaults.eval_every})")
-    parser.add_argument("--sampler_steps", type=int, help=f"Euler steps of rollouts and held-out samples "
-                        f"(default {defaults.sampler_steps})")
-    parser.add_argument("--methods", nargs="+", metavar="METHOD", help=f"only these methods, of {', '.join(FRONTIER)}")
-    parser.add_argument("--strengths", type=int, choices=(1, 2, 3),
-                        help="the first 1, 2 or 3 strengths of each method's regulariser (default 3)")
-    parser.add_argument("--learning_rates", type=float, nargs="+", metavar="LR",
-                        help="sweep these rates on the first seed and keep the best on validation seeds (default: each "
-                             "method's own rate, " + ", ".join(f"{m} {lr:g}" for m, lr in LEARNING_RATES.items()) + ")")
-    parser.add_argument("--runs", nargs="+", metavar="NAME", help="only these runs, by their names in the table, e.g. "
-                        "--runs 'adrpo beta0=1' 'nft kl_beta=0.1'")
-    parser.add_argument("--pretrained_model", help=f"the base every run fine-tunes (default {defaults.pretrained_model}); "
-                        "a pipeline of the SD3 family that reads the shapes captions")
+    parser = arg_parser(LabSettings, "adrpo-lab", config_help="YAML file of lab settings; --key value overrides it.",
+                        description="The method lab: each method's reward-diversity frontier on the coloured-shapes "
+                        "task (docs/method_lab.md). Every setting can be given as --key value (a list as several "
+                        "values: --seeds 0 1 2) or in a YAML file (--config).")
+    parser.add_argument("--quick", action="store_true", help="smoke scale: one seed, two steps, a few images (QUICK; "
+                        "the config file and --key value go on top)")
     parser.add_argument("--resume", action="store_true", help="continue a killed lab in --output_dir (same options)")
-    args = parser.parse_args(argv)
+    try:
+        args, overrides = overrides_from_args(LabSettings, parser, argv)
+        settings = load(LabSettings, args.config, overrides, under=QUICK if args.quick else None,
+                        name="lab settings", overrides_from="the command line")
+    except ConfigError as err:
+        parser.error(str(err))
     try:
         import matplotlib  # noqa: F401  (the plots come last: fail now, not after the runs)
     except ImportError:
         parser.error("the lab's plots need matplotlib: pip install -c constraints-ci.txt -e '.[lab]'")
-    settings = quick_settings(args.output_dir) if args.quick else LabSettings(output_dir=args.output_dir)
-    for name in ("seeds", "steps", "eval_every", "sampler_steps", "methods", "strengths", "learning_rates", "runs",
-                 "pretrained_model"):
-        if getattr(args, name) is not None:
-            setattr(settings, name, getattr(args, name))
-    if min(settings.steps, settings.eval_every, settings.sampler_steps) < 1 or not settings.seeds:
-        parser.error("--steps, --eval_every and --sampler_steps must be positive and --seeds non-empty")
-    if len(set(settings.seeds)) != len(settings.seeds):
-        parser.error(f"--seeds must be distinct, got {settings.seeds}")
-    if settings.steps % settings.eval_every:
-        parser.error(f"--steps ({settings.steps}) must be a multiple of --eval_every ({settings.eval_every})")
-    if any(lr <= 0 for lr in settings.learning_rates):
-        parser.error(f"--learning_rates must be positive, got {settings.learning_rates}")
-    try:
-        lab_runs(settings)
-        check_model_source(settings.pretrained_model)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
+    problems = settings_problems(settings)
+    if problems:
+        parser.error("\n  ".join(["invalid lab settings:", *problems]))
     results = run_lab(settings, resume=args.resume)
     print((Path(settings.output_dir) / "lab_table.md").read_text())
     print(f"[lab] {results['seconds']:.0f} s; results, table, plots and grids in {settings.output_dir}")

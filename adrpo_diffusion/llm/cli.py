@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from ..builtin import LANGUAGE_MODELS, PREFIX, is_builtin, resolve_language_model
+from ..settings import ConfigError, load_yaml_mapping, unknown_keys_message
 from ..utils import check_source, paired_change
 
 BUILTIN_MODELS = tuple(PREFIX + name for name in LANGUAGE_MODELS)
@@ -79,41 +77,33 @@ LLM_EXTRA = "pip install -c constraints-ci.txt -e '.[llm]'"
 
 
 def _parser(with_trainer_keys: bool = True):
-    """The parser of the run keys and (with TRL installed) of ADRPOGRPOConfig's keys. The description lists the three
-    ADRPO keys first: in the key list they come after TRL's ~200."""
+    """TRL's ``TrlParser`` of the run keys and of ADRPOGRPOConfig's keys (without TRL, for ``--help`` only,
+    transformers' ``HfArgumentParser`` of the run keys). The description lists the three ADRPO keys first: in the key
+    list they come after TRL's ~200."""
     from transformers import HfArgumentParser
 
     description = __doc__.split("\n\n")[0] + "\n\nADRPO's keys (the paper's Eq. 7; the other trainer keys are TRL's):"
     if with_trainer_keys:
+        from trl import TrlParser
+
         from .config import ADRPO_KEYS, ADRPOGRPOConfig
 
         fields = {f.name: f for f in dataclasses.fields(ADRPOGRPOConfig)}
         description += "".join(f"\n  --{name} (default {fields[name].default}): {fields[name].metadata['help']}"
                                for name in ADRPO_KEYS)
-        dataclass_types = [RunArguments, ADRPOGRPOConfig]
+        parser_class, dataclass_types = TrlParser, [RunArguments, ADRPOGRPOConfig]
     else:
         description += f"\n  they, and TRL's, need the llm extra: {LLM_EXTRA}"
-        dataclass_types = [RunArguments]
-    parser = HfArgumentParser(dataclass_types, prog="adrpo-grpo", allow_abbrev=False, description=description,
-                              usage="adrpo-grpo [--config FILE] [--key value ...]", formatter_class=_HelpFormatter)
+        parser_class, dataclass_types = HfArgumentParser, [RunArguments]
+    parser = parser_class(dataclass_types, prog="adrpo-grpo", allow_abbrev=False, description=description,
+                          usage="adrpo-grpo [--config FILE] [--key value ...]", formatter_class=_HelpFormatter)
     parser.add_argument("--config", help="YAML file of keys (see configs/); --key value overrides it.")
     return parser
 
 
-class ConfigError(ValueError):
-    pass
-
-
-def _unknown(keys, valid, source) -> ConfigError:
-    lines = []
-    for key in keys:
-        close = difflib.get_close_matches(key, valid, n=1)
-        lines.append(f"  {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return ConfigError(f"Unknown key(s) in {source}:\n" + "\n".join(lines) + "\nValid keys: " + ", ".join(valid))
-
-
 def parse_args(argv=None) -> tuple[RunArguments, dict]:
-    """The run keys, and the trainer keys as keyword arguments (defaults filled in) for ADRPOGRPOConfig."""
+    """The run keys, and the trainer keys as keyword arguments (defaults filled in) for ADRPOGRPOConfig. TRL's
+    ``TrlParser`` reads the YAML file under the command line; unknown keys get the config engine's did-you-mean."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         import trl  # noqa: F401
@@ -128,21 +118,15 @@ def parse_args(argv=None) -> tuple[RunArguments, dict]:
     flags = [a[2:].split("=")[0] for a in argv if a.startswith("--")]
     unknown = [f for f in flags if f"--{f}" not in parser._option_string_actions]
     if unknown:
-        raise _unknown(unknown, valid, "the command line")
-    config_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    config_parser.add_argument("--config")
-    config = config_parser.parse_known_args(argv)[0].config
-    if config:
-        path = Path(config)
-        if not path.is_file():
-            raise ConfigError(f"Config file {path} does not exist.")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path} must hold a mapping of keys to values.")
-        unknown = [k for k in values if k not in valid]
-        if unknown:
-            raise _unknown(unknown, valid, str(path))
-        parser.set_defaults(**values)
+        raise ConfigError(unknown_keys_message(unknown, valid, "the command line"))
+    config = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    config.add_argument("--config")
+    path = config.parse_known_args(argv)[0].config
+    if path:
+        values = load_yaml_mapping(path)
+        remaining = parser.set_defaults_with_config(**values)  # TRL's: the keys no argument took
+        if remaining:
+            raise ConfigError(unknown_keys_message([flag[2:] for flag in remaining[::2]], valid, path))
     namespace = vars(parser.parse_args(argv))
     namespace.pop("config")
     run = RunArguments(**{name: namespace.pop(name) for name in run_names})
