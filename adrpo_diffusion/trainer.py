@@ -48,7 +48,7 @@ from .faults import NonFiniteLossError, ProcessLost, RewardFailed, StopRequest, 
 from .losses import flow_sample, sample_times
 from .methods import FlowBatch, Method, build_method, plan_on_finite_groups
 from .prompts import PromptSampler, split_prompts
-from .scorers import build_reward, check_reward, check_reward_sources
+from .scorers import WeightedReward, build_reward, check_reward, check_reward_sources
 from .utils import image_grid
 
 
@@ -103,10 +103,20 @@ class Trainer:
     """``Trainer(cfg, callbacks=[...]).train()``: the input checks, then the accelerator, the models and the
     optimizer, then a new run or the resumed one, each in its own method below; :meth:`train` is Algorithm 1.
     ``callbacks`` (:mod:`.callbacks`) run after the trainer's own: the held-out check (``eval_prompts`` > 0) and the
-    sample grids (``sample_every`` > 0)."""
+    sample grids (``sample_every`` > 0).
 
-    def __init__(self, cfg: TrainConfig, *, callbacks: Sequence[TrainerCallback] = ()):
-        self.cfg = cfg
+    The model and the reward are the config's (``pretrained_model``, ``reward``) unless given built:
+
+    - ``family``: a :class:`~.families.ModelFamily` loaded without LoRA, in the run's weight dtype (e.g.
+      ``load_family(...)``). The trainer adds its LoRA to that pipeline's transformer, so give each Trainer its own.
+      ``cfg.pretrained_model`` should still name it: it is what config.json, the checkpoints and a model card record.
+    - ``scorer``: a :class:`~.scorers.Scorer` (any object with ``score(images, prompts)``; ``details`` and
+      ``check_prompts`` are used where it has them), the whole reward; ``cfg.reward`` and ``reward_options`` are then
+      not read, and the held-out check logs the reward under the name ``reward``."""
+
+    def __init__(self, cfg: TrainConfig, *, family: ModelFamily | None = None, scorer=None,
+                 callbacks: Sequence[TrainerCallback] = ()):
+        self.cfg, self._given_family, self._given_scorer = cfg, family, scorer
         self.callbacks = [*([HeldoutCheck()] if cfg.eval_prompts else []), *([SampleGrids()] if cfg.sample_every else []),
                           *callbacks]
         optimizer_cls, previous_run = self._check_inputs()
@@ -123,9 +133,13 @@ class Trainer:
         # check samples; without a held-out split that check uses training prompts with unseen seeds.
         training, heldout = split_prompts(cfg.prompt_file, cfg.heldout_fraction)
         self.prompts, self.num_training_prompts = training + heldout, len(training)
-        check_reward(cfg.reward, cfg.reward_options, self.prompts)
-        check_reward_sources(cfg.reward, cfg.reward_options)
-        check_model_source(cfg.pretrained_model)
+        if self._given_scorer is None:
+            check_reward(cfg.reward, cfg.reward_options, self.prompts)
+            check_reward_sources(cfg.reward, cfg.reward_options)
+        elif hasattr(self._given_scorer, "check_prompts"):
+            self._given_scorer.check_prompts(self.prompts)
+        if self._given_family is None:
+            check_model_source(cfg.pretrained_model)
         self.output_dir = Path(cfg.output_dir)
         self.checkpoints_dir = self.output_dir / "checkpoints"
         previous_run = run_files(self.output_dir)
@@ -183,10 +197,11 @@ class Trainer:
         (fp32), and the method's moving copies of the policy."""
         cfg, acc = self.cfg, self.accelerator
         # The reward model first: if its weights are missing, say so before the large download/load.
-        self.scorer = build_reward(cfg.reward, cfg.reward_options)
+        given = self._given_scorer
+        self.scorer = build_reward(cfg.reward, cfg.reward_options) if given is None else WeightedReward.of(reward=given)
         self.scorer.to(acc.device)
-        self.family = family = load_family(cfg.pretrained_model, dtype=self.weight_dtype,
-                                           guidance_scale=cfg.guidance_scale, drop_t5=cfg.drop_t5)
+        self.family = family = self._given_family or load_family(
+            cfg.pretrained_model, dtype=self.weight_dtype, guidance_scale=cfg.guidance_scale, drop_t5=cfg.drop_t5)
         pipe = family.pipe
         pipe.set_progress_bar_config(disable=True)
         pipe.to(acc.device)

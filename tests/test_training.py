@@ -110,6 +110,48 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_sd3_dir):
     assert metric_lines("full") == metric_lines("split")
 
 
+class PlainReward:
+    """A reward that is not a registered scorer: any object with ``score(images, prompts)``."""
+
+    def __init__(self, scorer):
+        self.inner, self.calls = scorer, 0
+
+    def score(self, images, prompts):
+        self.calls += 1
+        return self.inner.score(images, prompts)
+
+
+def test_a_built_model_and_reward_give_the_run_of_their_names(tmp_path, tiny_sd3_dir):
+    """Trainer(cfg, family=..., scorer=...) trains the objects given, and gives the run that the config's names
+    give: the same LoRA, metrics and held-out change. The config's reward is not read (pickscore, which cannot load
+    offline, would be refused)."""
+    from adrpo_diffusion.families import load_family
+    from adrpo_diffusion.scorers import build_scorer
+
+    named_cfg = small_config(tmp_path / "named", max_steps=2)
+    named = Trainer(named_cfg).train()
+    family = load_family(named_cfg.pretrained_model, guidance_scale=named_cfg.guidance_scale)
+    reward = PlainReward(build_scorer(named_cfg.reward))
+    with pytest.raises(FileNotFoundError, match="pickscore"):
+        Trainer(small_config(tmp_path / "refused", max_steps=2, reward="pickscore"))
+    trainer = Trainer(small_config(tmp_path / "built", max_steps=2, reward="pickscore"), family=family, scorer=reward)
+    assert trainer.family is family and trainer.transformer is family.pipe.transformer
+    built = trainer.train()
+    assert reward.calls > 0
+    a, b = lora_tensors(tmp_path / "named"), lora_tensors(tmp_path / "built")
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+    def metric_lines(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in row.items() if not k.startswith("seconds_")} for row in rows]
+
+    named_lines, built_lines = metric_lines("named"), metric_lines("built")  # the part is logged by its name
+    assert [row.pop("reward_color") for row in named_lines] == [row.pop("reward_reward") for row in built_lines]
+    assert named_lines == built_lines and named_lines[0]["reward_mean"] > 0
+    for key in ("heldout_reward_before", "heldout_reward_after", "heldout_improvement"):
+        assert named[key] == built[key], key
+
+
 def test_interrupted_checkpoint_is_never_resumed(tmp_path, tiny_sd3_dir):
     Trainer(small_config(tmp_path / "run", max_steps=2)).train()
     # a run killed while writing step-4 leaves only a temporary directory behind

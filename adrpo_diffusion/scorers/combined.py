@@ -105,9 +105,18 @@ class WeightedReward:
         self.weights = {name: weight for name, (weight, _) in parts.items()}
         self.scorers = {name: build_scorer(name, **options) for name, (_, options) in parts.items()}
 
+    @classmethod
+    def of(cls, **scorers) -> WeightedReward:
+        """The sum with weight 1 of scorers already built, by name: ``WeightedReward.of(reward=my_scorer)``. A
+        scorer needs ``score(images, prompts)``; ``to`` and ``details`` are used where it has them."""
+        reward = cls({})
+        reward.names, reward.weights, reward.scorers = list(scorers), dict.fromkeys(scorers, 1.0), scorers
+        return reward
+
     def to(self, device) -> WeightedReward:
         for scorer in self.scorers.values():
-            scorer.to(device)
+            if hasattr(scorer, "to"):
+                scorer.to(device)
         return self
 
     def score_parts(self, images, prompts) -> dict[str, torch.Tensor]:
@@ -121,7 +130,7 @@ class WeightedReward:
     def details(self, images, prompts) -> dict[str, torch.Tensor]:
         """Every part's :meth:`.base.Scorer.details`, ``{name: (N,) tensor}`` on the CPU."""
         prompts = list(prompts)
-        return {key: value.float().cpu() for scorer in self.scorers.values()
+        return {key: value.float().cpu() for scorer in self.scorers.values() if hasattr(scorer, "details")
                 for key, value in scorer.details(images, prompts).items()}
 
     def combine(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
