@@ -1,8 +1,8 @@
 """ImageReward and BLIPScore against the original implementation's outputs, on a small random-weight fixture
 (``tests/fixtures/imagereward-tiny``, made by running PyPI ``image-reward`` 1.5 itself; see its README).
 
-``ADRPO_IMAGEREWARD_FIXTURE=DIR`` runs the same tests on another fixture made the same way (for instance the larger
-one in ``shared/fixtures/imagereward-tiny``)."""
+``ADRPO_IMAGEREWARD_FIXTURE=DIR`` runs the same tests on another fixture made the same way (for instance a larger
+one, with vision and text width 64)."""
 
 import json
 import os
