@@ -158,28 +158,30 @@ def available_methods() -> list[str]:
     return list(_REGISTRY)
 
 
-def _typed_method(name: str, options: dict, problems: list[str]) -> Method | None:
-    """The method with its options typed as its fields (the config engine's checks), or None with the problems."""
-    return settings.from_mapping(_REGISTRY[name], options, f"method_options of {name}", problems,
-                                 prefix="method_options.")
+def _checked_method(name: str, options: dict, images_per_prompt: int) -> tuple[Method | None, list[str]]:
+    """The method with its options typed as its fields (the config engine's checks) and every problem found; the
+    method is None when there is any."""
+    if name not in _REGISTRY:
+        return None, [f"method must be one of {', '.join(_REGISTRY)}, got {name!r}"]
+    if not isinstance(options, dict):
+        return None, [f"method_options must be a mapping of {name}'s parameters, got {options!r}"]
+    problems: list[str] = []
+    method = settings.from_mapping(_REGISTRY[name], options, f"method_options of {name}", problems,
+                                   prefix="method_options.")
+    problems = problems or method.problems(images_per_prompt)
+    return (None if problems else method), problems
 
 
 def method_problems(name: str, options: dict, images_per_prompt: int) -> list[str]:
     """Every problem of a method name and its options, checked without any model."""
-    if name not in _REGISTRY:
-        return [f"method must be one of {', '.join(_REGISTRY)}, got {name!r}"]
-    if not isinstance(options, dict):
-        return [f"method_options must be a mapping of {name}'s parameters, got {options!r}"]
-    problems: list[str] = []
-    method = _typed_method(name, options, problems)
-    return problems or method.problems(images_per_prompt)
+    return _checked_method(name, options, images_per_prompt)[1]
 
 
 def build_method(name: str, options: dict, images_per_prompt: int) -> Method:
-    problems = method_problems(name, options, images_per_prompt)
+    method, problems = _checked_method(name, options, images_per_prompt)
     if problems:
         raise ValueError("; ".join(problems))
-    return _typed_method(name, options, problems)
+    return method
 
 
 def methods_with_option(key: str) -> list[str]:
