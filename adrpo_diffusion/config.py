@@ -110,7 +110,8 @@ class TrainConfig:
                                            "samples/, logs/); without it such a directory is refused. Ignored when resuming.")
     sample_every: int = _f(100, "Save a grid of held-out samples every N steps (0: never).")
     eval_prompts: int = _f(8, "Prompts for the held-out reward printed before and after training (0: no check).")
-    eval_seeds: list = _f([1000, 1001], "Held-out seeds (never used in training) for that reward.")
+    eval_seeds: list = _f([1000, 1001], "Held-out seeds (never used in training) for that reward: one image per "
+                                         "held-out prompt i and seed s, from the seed (s, i, 0) of adrpo_diffusion.seeds.")
     report_to: str = _f("tensorboard", "Tracker: tensorboard, wandb or none. metrics.jsonl is always written.")
     max_consecutive_nonfinite: int = _f(5, "Stop after this many non-finite losses in a row (each is skipped).")
     allow_tf32: bool = _f(True, "Allow TF32 matmuls on Ampere+ GPUs.")

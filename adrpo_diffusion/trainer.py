@@ -49,6 +49,7 @@ from .losses import flow_sample, sample_times
 from .methods import FlowBatch, Method, build_method, plan_on_finite_groups
 from .prompts import PromptSampler, split_prompts
 from .scorers import WeightedReward, build_reward, check_reward, check_reward_sources
+from .seeds import image_generators
 from .utils import image_grid
 
 
@@ -345,7 +346,7 @@ class Trainer:
         pairs = self.heldout_pairs(self.cfg.eval_seeds if seeds is None else seeds)
         if not pairs:
             return torch.zeros(0), torch.zeros(0), {}
-        generators = [torch.Generator().manual_seed(s * 100_003 + i) for i, s in pairs]
+        generators = image_generators((s, i, 0) for i, s in pairs)  # the one held-out seed scheme (seeds.py)
         _, images = self._policy_rollouts([i for i, _ in pairs], generators, adapters)
         rewards, parts = self._score(images, [i for i, _ in pairs])
         return rewards.cpu(), images, {k: v.cpu() for k, v in parts.items()}

@@ -1,6 +1,6 @@
 """The package's import direction, read from the source with ``ast`` (every import, top-level or inside a function):
 
-    core (utils, settings, builtin, advantages, losses, methods, prompts, tasks, faults)
+    core (utils, settings, seeds, builtin, advantages, losses, methods, prompts, tasks, faults)
       <- models (families, scorers)
       <- training and evaluation (config, checkpoint, callbacks, trainer, evaluation)
       <- apps (lab, benchmark, hub, llm)
@@ -18,7 +18,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "adrpo_diffusion"
 LAYERS = [  # (layer, module-name prefixes); the longest matching prefix decides
-    ("core", ["", "utils", "settings", "builtin", "advantages", "losses", "methods", "prompts", "tasks", "faults"]),
+    ("core", ["", "utils", "settings", "seeds", "builtin", "advantages", "losses", "methods", "prompts", "tasks", "faults"]),
     ("models", ["families", "scorers"]),
     ("training/evaluation", ["config", "checkpoint", "callbacks", "trainer", "evaluation"]),
     ("apps", ["lab", "benchmark", "benchmark_e2e", "benchmark_models", "hub", "llm"]),

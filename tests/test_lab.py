@@ -329,6 +329,9 @@ def test_runs_selects_runs_by_name_and_rejects_unknown_ones(capsys):
     with pytest.raises(SystemExit):
         main(["--methods", "ppo"])
     assert "unknown method(s) ['ppo']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # validation on the held-out images would choose on what it reports
+        main(["--val_seed", "10000"])
+    assert "val_seed must differ from eval_seed (10000)" in capsys.readouterr().err
 
 
 def test_lab_settings_come_from_the_config_engine(tmp_path, capsys, monkeypatch):

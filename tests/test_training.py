@@ -89,6 +89,11 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_sd3_dir):
     full.train()
     assert full_calls.calls == [("begin", 0), ("step", 1, False), ("step", 2, True), ("step", 3, False),
                                 ("step", 4, True), ("end", 4, True)]
+    # one held-out image per (seed, prompt), the same whatever batch it lands in (the seed scheme of seeds.py; up to
+    # float rounding, which depends on the batch size)
+    _, both, _ = full.heldout_rewards(seeds=[7, 8])
+    _, alone, _ = full.heldout_rewards(seeds=[8])
+    assert torch.allclose(both[len(alone):], alone, atol=1e-5) and (both[: len(alone)] - alone).abs().max() > 0.1
 
     Trainer(small_config(tmp_path / "split", max_steps=2)).train()
     resumed = Trainer(small_config(tmp_path / "split", max_steps=4, resume_from_checkpoint="latest"),

@@ -15,11 +15,11 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import LORA_WEIGHTS_NAME
+from ..seeds import image_generators, image_seed
 from ..utils import file_sha1, write_atomic
 from .config import EvalConfig, ModelSpec, PromptEntry
 
@@ -44,12 +44,6 @@ class ImageRecord:
     def group(self) -> tuple:
         """The K images of one (model, seed, prompt) form a group (ClipDiversity's unit)."""
         return self.model, self.seed, self.prompt_set, self.prompt_index
-
-
-def image_seed(seed: int, prompt_index: int, k: int) -> int:
-    """The generator seed of one image, derived from (evaluation seed, prompt index, k) by numpy's SeedSequence
-    hash: the same image whatever the batch it lands in, distinct streams for distinct triples."""
-    return int(np.random.SeedSequence([seed, prompt_index, k]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def model_settings(model: ModelSpec, cfg: EvalConfig) -> dict:
@@ -194,7 +188,7 @@ def generate_images(cfg: EvalConfig, prompts: list[PromptEntry], root: Path) -> 
 def run_pipeline(family, model: ModelSpec, resolution: int, batch: list[ImageRecord]) -> list:
     """One pipeline call of the model's family for a batch of images, each with its own seeded generator (PIL images
     out)."""
-    generators = [torch.Generator("cpu").manual_seed(image_seed(r.seed, r.prompt_index, r.k)) for r in batch]
+    generators = image_generators((r.seed, r.prompt_index, r.k) for r in batch)
     return family.generate([r.prompt for r in batch], num_inference_steps=model.num_inference_steps,
                            resolution=resolution, generators=generators, **model.call_kwargs)
 

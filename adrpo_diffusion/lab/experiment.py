@@ -49,6 +49,7 @@ import torch
 
 from ..callbacks import TrainerCallback
 from ..families import check_model_source
+from ..seeds import image_generators
 from ..settings import ConfigError, arg_parser, load, overrides_from_args
 from ..settings import documented as _f
 from ..utils import paired_change, umask_permissions
@@ -110,10 +111,10 @@ class LabSettings:
     sampler_steps: int = _f(12, "Euler steps of rollouts and held-out samples.")
     methods: list = _f(list(FRONTIER), "Only these methods of the frontier.")
     strengths: int = _f(3, "The first 1, 2 or 3 strengths of each method's regulariser.")
-    eval_images: int = _f(8, "Held-out images per prompt (seeds eval_seed + 1000 i + j).")
-    eval_seed: int = _f(10_000, "The first held-out seed.")
+    eval_images: int = _f(8, "Held-out images per prompt: images (eval_seed, prompt, 0 .. eval_images - 1).")
+    eval_seed: int = _f(10_000, "The held-out seed.")
     val_images: int = _f(8, "Validation images per prompt, which choose each run's checkpoint.")
-    val_seed: int = _f(50_000, "The first validation seed (its seeds never meet the held-out ones).")
+    val_seed: int = _f(50_000, "The validation seed (not eval_seed: its images never meet the held-out ones).")
     matched_diversity: float = _f(0.9, "The matched-diversity table: feature diversity >= this fraction of the base's.")
     runs: list = _f([], "Only these runs, by their names in the table, e.g. 'adrpo beta0=1' 'nft kl_beta=0.1'.")
 
@@ -149,6 +150,9 @@ def settings_problems(settings: LabSettings) -> list[str]:
         problems.append(f"steps ({settings.steps}) must be a multiple of eval_every ({settings.eval_every})")
     if len(set(settings.seeds)) != len(settings.seeds):
         problems.append(f"seeds must be distinct, got {settings.seeds}")
+    if settings.val_seed == settings.eval_seed:
+        problems.append(f"val_seed must differ from eval_seed ({settings.eval_seed}): validation would choose on the "
+                        "held-out images")
     if any(lr <= 0 for lr in settings.learning_rates):
         problems.append(f"learning_rates must be positive, got {settings.learning_rates}")
     for check in (lambda: lab_runs(settings), lambda: check_model_source(settings.pretrained_model)):
@@ -214,9 +218,9 @@ def diversities(images: torch.Tensor, groups: list[int], features: RandomFeature
 
 
 class HeldoutProbe:
-    """Held-out measurements of a trainer's current policy (module docstring). The held-out images of prompt
-    ``i`` and image ``j`` use the seed ``eval_seed + 1000 i + j``; the first :meth:`measure_base` fixes the
-    W2 inputs."""
+    """Held-out measurements of a trainer's current policy (module docstring). Image ``j`` of prompt ``i`` is the
+    held-out image ``(eval_seed, i, j)`` of the one seed scheme (:mod:`adrpo_diffusion.seeds`); the first
+    :meth:`measure_base` fixes the W2 inputs."""
 
     TIMES = (0.125, 0.375, 0.625, 0.875)
 
@@ -224,7 +228,7 @@ class HeldoutProbe:
         from ..scorers import build_scorer
 
         self.pairs = [(i, j) for i in range(num_prompts) for j in range(eval_images)]
-        self.seeds = [eval_seed + 1000 * i + j for i, j in self.pairs]
+        self.eval_seed = eval_seed
         self.scorer = build_scorer(reward)
         self.shapes = build_scorer("shapes")  # its checks: does the policy still draw what the caption says?
         self.features = RandomFeatures()
@@ -232,7 +236,7 @@ class HeldoutProbe:
 
     def _generate(self, trainer) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = trainer.cfg
-        generators = [torch.Generator().manual_seed(s) for s in self.seeds]
+        generators = image_generators((self.eval_seed, i, j) for i, j in self.pairs)
         x1 = trainer.family.sample(trainer.cache, [i for i, _ in self.pairs], num_inference_steps=cfg.num_inference_steps,
                                    resolution=cfg.resolution, batch_size=cfg.rollout_batch_size, generators=generators)
         return x1, trainer.family.decode(x1, cfg.rollout_batch_size)
