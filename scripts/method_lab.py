@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The method lab: ADRPO against its baselines on the coloured-shapes task, on a CPU. See docs/method_lab.md.
 
-    python scripts/method_lab.py                 # the frontier (about 34 minutes on 2 cores)
+    python scripts/method_lab.py                 # the frontier (35 to 55 minutes on 2 cores)
     python scripts/method_lab.py --quick         # smoke scale
 """
 

@@ -14,6 +14,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteSche
 from adrpo_diffusion.families import load_family
 from adrpo_diffusion.prompts import load_prompts
 from adrpo_diffusion.scorers import build_scorer
+from adrpo_diffusion.seeds import image_generators
 
 SEEDS_PER_PROMPT = 8
 RUNS = [("euler", 6), ("heun", 4), ("euler", 12), ("heun", 6), ("heun", 7), ("euler", 24), ("heun", 12)]
@@ -25,7 +26,7 @@ def main() -> None:
     prompts = load_prompts("prompts/shapes_colour.txt")
     cache = family.encode_prompts(prompts, "cpu", torch.float32, 8)
     indices = [i for i in range(len(prompts)) for _ in range(SEEDS_PER_PROMPT)]
-    seeds = [1000 * i + j for i in range(len(prompts)) for j in range(SEEDS_PER_PROMPT)]
+    images = [(0, i, j) for i in range(len(prompts)) for j in range(SEEDS_PER_PROMPT)]  # image j of prompt i, seed 0
     scorer, euler_config = build_scorer("color"), family.pipe.scheduler.config
 
     def rollouts(solver: str, steps: int):
@@ -33,7 +34,7 @@ def main() -> None:
         family.pipe.scheduler = scheduler.from_config(euler_config)
         start = time.perf_counter()
         x1 = family.sample(cache, indices, num_inference_steps=steps, resolution=32, batch_size=len(indices),
-                           generators=[torch.Generator().manual_seed(s) for s in seeds])
+                           generators=image_generators(images))
         seconds = time.perf_counter() - start
         return x1, scorer.score(family.decode(x1, len(indices)), [prompts[i] for i in indices]), seconds
 
