@@ -19,7 +19,6 @@ def test_image_seeds_are_distinct_where_offset_seeds_collided():
 
 
 def test_each_image_has_its_own_generator():
-    a, b = image_generators([(1000, 0, 0), (1000, 0, 1)])
-    again = image_generators([(1000, 0, 1)])[0]
-    assert torch.equal(torch.randn(4, generator=b), torch.randn(4, generator=again))
-    assert not torch.equal(torch.randn(4, generator=a), torch.randn(4, generator=image_generators([(1000, 0, 1)])[0]))
+    first, second = (torch.randn(4, generator=g) for g in image_generators([(1000, 0, 0), (1000, 0, 1)]))
+    assert torch.equal(second, torch.randn(4, generator=image_generators([(1000, 0, 1)])[0]))  # alone or in a batch
+    assert not torch.equal(first, second)
