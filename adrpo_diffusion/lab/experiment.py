@@ -131,14 +131,11 @@ class LabSettings:
         )
 
 
-# A smoke scale for tests (adrpo-lab --quick): one seed, two steps each evaluated, a few images of 6 Euler steps, two
-# strengths of three methods.
-QUICK = dict(steps=2, eval_every=1, sampler_steps=6, prompts_per_step=2, images_per_prompt=4, timesteps_per_sample=1,
-             learning_rates=[3e-3, 3e-2], methods=["adrpo", "raft", "nft"], strengths=2, eval_images=2, val_images=2)
-
-
-def quick_settings(output_dir: str) -> LabSettings:
-    return LabSettings(output_dir=output_dir, **QUICK)
+# A smoke scale for tests (adrpo-lab --quick): one caption per skill, one seed, two steps each evaluated, a few
+# images of 6 Euler steps, two strengths of three methods.
+QUICK = dict(prompt_file="prompts/shapes_smoke.txt", steps=2, eval_every=1, sampler_steps=6, prompts_per_step=2,
+             images_per_prompt=4, timesteps_per_sample=1, learning_rates=[3e-3, 3e-2], methods=["adrpo", "raft", "nft"],
+             strengths=2, eval_images=2, val_images=2)
 
 
 def settings_problems(settings: LabSettings) -> list[str]:
@@ -693,8 +690,8 @@ def main(argv=None) -> int:
                         description="The method lab: each method's reward-diversity frontier on the coloured-shapes "
                         "task (docs/method_lab.md). Every setting can be given as --key value (a list as several "
                         "values: --seeds 0 1 2) or in a YAML file (--config).")
-    parser.add_argument("--quick", action="store_true", help="smoke scale: one seed, two steps, a few images (QUICK; "
-                        "the config file and --key value go on top)")
+    parser.add_argument("--quick", action="store_true", help="smoke scale: one caption per skill, one seed, two "
+                        "steps, a few images (QUICK; the config file and --key value go on top)")
     parser.add_argument("--resume", action="store_true", help="continue a killed lab in --output_dir (same options)")
     try:
         args, overrides = overrides_from_args(LabSettings, parser, argv)
