@@ -26,8 +26,9 @@ SMALL = {"prompts_per_step": 2, "images_per_prompt": 4, "timesteps_per_sample": 
          "sample_every": 0, "method_options": {}}
 STEPS = 30  # long enough for a signal to land mid-run
 # The runs in real processes: 3 groups of 2, so with two processes (3 rollouts each) the middle group spans both
-# and its baseline needs the gathered rewards (tests/test_training.py runs DPO and NFT on two processes).
-LAUNCHED = {**SMALL, "prompts_per_step": 3, "images_per_prompt": 2}
+# and its baseline needs the gathered rewards (tests/test_training.py runs DPO and NFT on two processes). ADRPO with
+# the config's moving anchor: a copy of the policy that the checkpoint must carry for the resumed run to be the same.
+LAUNCHED = {**SMALL, "prompts_per_step": 3, "images_per_prompt": 2, "method_options": {"anchor": "ema"}}
 
 
 # ------------------------------------------------------------------------------------------- runs in real processes

@@ -334,26 +334,20 @@ def _torchrun(output_dir, *args):
 
 
 @pytest.mark.parametrize("method, prompts_per_step, images_per_prompt", [("dpo", "2", "4"), ("nft", "3", "2")])
-def test_two_processes_train_checkpoint_and_resume(tmp_path, tiny_sd3_dir, method, prompts_per_step, images_per_prompt):
-    """Two real processes (torchrun, gloo on CPU): rollouts are sharded, each process saves its own RNG state, and a
-    resumed run continues from the checkpoint. dpo: 2 groups of 4, one whole group per process, each pairing its
-    own after the reward gather; nft: 3 groups of 2 on 2 x 3 rollouts, so the middle group spans both processes,
-    with the old copy of the policy (an extra adapter switched on for the rollouts and the loss). ADRPO on two
-    processes, stopped and resumed bit for bit, is in tests/test_faults.py."""
-
-    def run(*extra):
-        done = _torchrun(tmp_path / "run", "--method", method, "--prompts_per_step", prompts_per_step,
-                         "--images_per_prompt", images_per_prompt, *extra)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done.stdout
-
-    run("--max_steps", "2")
+def test_two_processes_train_and_checkpoint(tmp_path, tiny_sd3_dir, method, prompts_per_step, images_per_prompt):
+    """Two real processes (torchrun, gloo on CPU): rollouts are sharded and each process saves its own RNG state.
+    dpo: 2 groups of 4, one whole group per process, each pairing its own after the reward gather; nft: 3 groups of
+    2 on 2 x 3 rollouts, so the middle group spans both processes, with the old copy of the policy (an extra adapter
+    switched on for the rollouts and the loss). A two-process run stopped and resumed bit for bit (ADRPO with its
+    moving anchor, another copy of the policy) is in tests/test_faults.py."""
+    done = _torchrun(tmp_path / "run", "--method", method, "--prompts_per_step", prompts_per_step,
+                     "--images_per_prompt", images_per_prompt, "--max_steps", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "step-2").glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
-    out = run("--max_steps", "3", "--resume_from_checkpoint", "latest")
-    assert "resumed from" in out and out.count("held-out reward (mean") == 1  # logged by the main process only
+    assert done.stdout.count("held-out reward (mean") == 1  # logged by the main process only
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [1, 2, 3]
+    assert [m["step"] for m in lines] == [1, 2]
     if method == "dpo":
         assert all(m["dpo_pairs"] == 2 and m["skipped_empty"] == 0 for m in lines)
 
