@@ -135,8 +135,9 @@ def test_guard_fails_when_trl_changes_an_overridden_method(monkeypatch):
 
 def test_training_learns_to_answer_from_the_audio(omni_dir, tmp_path):
     """100 ADRPO-GRPO steps on the pitch task raise held-out accuracy from about 0.05 to 0.65 (chance among the
-    three answers: 1/3); with each clip swapped for the next row's (always another class) it falls by at least 0.3,
-    to 0 to 0.33 (measured with three CPU kernel sets): the answers follow the audio."""
+    three answers: 1/3); with each clip swapped for the next row's (always another class) it falls by 0.3 or more,
+    to between 0 and 0.33 (measured with four CPU kernel settings; the test asks for 0.2): the answers follow the
+    audio."""
     from adrpo_diffusion.llm.cli import heldout_completion_rewards
 
     torch.manual_seed(0)
