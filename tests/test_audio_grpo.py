@@ -134,16 +134,15 @@ def test_guard_fails_when_trl_changes_an_overridden_method(monkeypatch):
 
 
 def test_training_learns_to_answer_from_the_audio(omni_dir, tmp_path):
-    """100 ADRPO-GRPO steps on the pitch task raise held-out accuracy from about 0.05 to 0.65 (chance among the
-    three answers: 1/3); with each clip swapped for the next row's (always another class) it falls by 0.3 or more,
-    to between 0 and 0.33 (measured with four CPU kernel settings; the test asks for 0.2): the answers follow the
-    audio."""
+    """150 ADRPO-GRPO steps on the pitch task raise held-out accuracy from about 0.05 to about 0.6 (chance among
+    the three answers: 1/3; seeds 0 and 42 reached 0.65 at 200 steps); with each clip swapped for the next row's
+    (always another class) it falls below chance: the answers follow the audio."""
     from adrpo_diffusion.llm.cli import heldout_completion_rewards
 
     torch.manual_seed(0)
     rows = pitch_rows(1024 + 64)
     args = ADRPOGRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=32, num_generations=8,
-                           max_completion_length=1, learning_rate=1e-2, lr_scheduler_type="constant", max_steps=100,
+                           max_completion_length=1, learning_rate=5e-3, lr_scheduler_type="constant", max_steps=150,
                            report_to="none", use_cpu=True, bf16=False, activation_checkpointing=False,
                            save_strategy="no", disable_tqdm=True, logging_steps=10, seed=0)
     trainer = AudioADRPOGRPOTrainer(model=omni_dir, reward_funcs=pitch_reward, args=args,
@@ -155,7 +154,7 @@ def test_training_learns_to_answer_from_the_audio(omni_dir, tmp_path):
     swapped = [{**row, "audio": heldout[(i + 1) % len(heldout)]["audio"]} for i, row in enumerate(heldout)]
     swapped_accuracy = heldout_completion_rewards(trainer, swapped, [0, 1]).mean().item()
     assert before < 0.2 and accuracy > 0.5, (before, accuracy)
-    assert swapped_accuracy < accuracy - 0.2, (accuracy, swapped_accuracy)
+    assert swapped_accuracy < 0.3, swapped_accuracy
 
 
 def write_mmau(root, tasks):
