@@ -28,7 +28,7 @@ from .utils import build_once, cache_dir
 PREFIX = "builtin:"
 MODELS = {  # name -> (builder, how long a build takes on a CPU)
     "tiny-sd3": ("adrpo_diffusion.testing.tiny_pipelines:build_tiny_sd3", "about 10 s"),
-    "tiny-sd3-shapes": ("adrpo_diffusion.testing.shapes_base:build_tiny_sd3_shapes", "about 5 minutes"),
+    "tiny-sd3-shapes": ("adrpo_diffusion.testing.shapes_base:build_tiny_sd3_shapes", "about 10 minutes"),
     "tiny-flux": ("adrpo_diffusion.testing.tiny_pipelines:build_tiny_flux", "about 20 s"),
     "tiny-sana": ("adrpo_diffusion.testing.tiny_pipelines:build_tiny_sana", "about 10 s"),
 }
@@ -37,9 +37,9 @@ LANGUAGE_MODELS = {  # transformers models, for adrpo-grpo and adrpo-audio-eval
     "tiny-omni-thinker": ("adrpo_diffusion.testing.tiny_language_models:build_tiny_omni", "a few seconds"),
 }
 ASSETS = {"tiny-scorers": ("adrpo_diffusion.testing.tiny_scorers:build_tiny_scorer_assets", "about a second")}
-# The cache directory of a built-in whose recipe changed carries its revision (``tiny-sd3-shapes.r2``): a cache
+# The cache directory of a built-in whose recipe changed carries its revision (``tiny-sd3-shapes.r3``): a cache
 # built by an older version of the package is never taken for the new model.
-REVISIONS = {"tiny-sd3-shapes": 2}
+REVISIONS = {"tiny-sd3-shapes": 3}
 
 
 def model_names() -> list[str]:

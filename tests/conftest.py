@@ -21,7 +21,7 @@ SHAPES_TEST_STEPS = 150  # in the cache directory's name: another recipe is neve
 
 @pytest.fixture(scope="session")
 def shapes_test_base():
-    """A smaller shapes base for the lab's tests: the recipe of ``builtin:tiny-sd3-shapes`` (5 to 8 minutes to
+    """A smaller shapes base for the lab's tests: the recipe of ``builtin:tiny-sd3-shapes`` (8 to 13 minutes to
     build) with fewer VAE and pre-training steps and a smaller image bank, built once per cache in under a minute.
     It draws coloured blobs more than shapes: the lab's mechanics, not its numbers, are under test."""
     from adrpo_diffusion.testing.shapes_base import build_tiny_sd3_shapes
