@@ -5,8 +5,19 @@ import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("ADRPO_CACHE", os.path.join(tempfile.gettempdir(), "adrpo_test_cache"))
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # One torch thread per pytest-xdist worker (`-n 2` runs two), also in the processes the tests launch: the tiny
+    # models gain little from a second thread, so two workers of one thread keep both cores busy without
+    # oversubscribing them (BENCHMARKS.md, "The test suite").
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(items):
+    """The tests marked ``slow`` first (a stable sort): with ``-n 2`` pytest-xdist hands them out before the many
+    short ones, so that the two workers finish together."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +40,14 @@ def shapes_test_base():
 
     return str(build_once(cache_dir() / f"tiny-sd3-shapes-test-{SHAPES_TEST_STEPS}", lambda directory:
                           build_tiny_sd3_shapes(directory, steps=SHAPES_TEST_STEPS, vae_steps=60, bank_size=512)))
+
+
+@pytest.fixture(scope="session")
+def shared_tmp_path(tmp_path_factory):
+    """A directory of this test session that every pytest-xdist worker sees (each worker's own ``tmp_path``s lie in
+    it); for results that one worker computes and the others reuse (:func:`adrpo_diffusion.utils.build_once`)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
 
 
 @pytest.fixture

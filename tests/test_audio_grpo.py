@@ -133,6 +133,7 @@ def test_guard_fails_when_trl_changes_an_overridden_method(monkeypatch):
         check_trl_signatures()
 
 
+@pytest.mark.slow
 def test_training_learns_to_answer_from_the_audio(omni_dir, tmp_path):
     """150 ADRPO-GRPO steps on the pitch task raise held-out accuracy from about 0.05 to about 0.6 (chance among
     the three answers: 1/3; seeds 0 and 42 reached 0.65 at 200 steps); with each clip swapped for the next row's

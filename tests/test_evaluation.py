@@ -488,6 +488,7 @@ def test_missing_optional_dependencies_are_reported_before_any_work(prompts_csv,
     load_eval_config(overrides=_config(prompts_csv, metrics=["clipscore"]))  # needs neither
 
 
+@pytest.mark.slow
 def test_log_is_short_and_interrupted_temporaries_are_removed(tmp_path, tiny_lora):
     """Prompts longer than CLIP's 77 tokens: diffusers warns per batch, listing the cut text padded with hundreds of
     <|endoftext|>; the evaluation shows that once, short. Run as a user does, to see its whole log."""

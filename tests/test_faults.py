@@ -20,6 +20,7 @@ from adrpo_diffusion.config import load_config
 from adrpo_diffusion.faults import RewardFailed, WriteFailed
 from adrpo_diffusion.methods import build_method, plan_on_finite_groups
 from adrpo_diffusion.trainer import Trainer
+from adrpo_diffusion.utils import build_once
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"prompts_per_step": 2, "images_per_prompt": 4, "timesteps_per_sample": 1, "eval_prompts": 0,
@@ -37,7 +38,7 @@ def _launch(out, *args, processes=1):
     argv = ["scripts/train_sd3.py", "--config", "configs/tiny_cpu.yaml", "--output_dir", str(out), "--max_steps",
             str(STEPS), "--checkpointing_steps", "4", *[str(a) for kv in LAUNCHED.items() for a in
                                                         (f"--{kv[0]}", json.dumps(kv[1]))], *args]
-    prefix = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)] if processes > 1 else []
+    prefix = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen([sys.executable, *prefix, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -87,18 +88,19 @@ def _assert_same(a, b):
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny_sd3_dir):
-    """The LoRA of the same runs without a fault: one process, and two."""
-    out = tmp_path_factory.mktemp("uninterrupted")
-    loras = {}
-    for processes in (1, 2):
-        code, err, _ = _finish(_launch(out / str(processes), processes=processes))
+@pytest.fixture
+def uninterrupted(shared_tmp_path, tiny_sd3_dir):
+    """``uninterrupted(processes)``: the LoRA of the same run without a fault, on one process or two. Each is run
+    once per test session, by the first test that needs it (pytest-xdist workers share it)."""
+    def run(out, processes):
+        code, err, _ = _finish(_launch(out, processes=processes))
         assert code == 0, err[-3000:]
-        loras[processes] = _lora(out / str(processes))
-    return loras
+
+    return lambda processes: _lora(build_once(shared_tmp_path / f"uninterrupted-{processes}",
+                                              lambda out: run(out, processes)))
 
 
+@pytest.mark.slow
 def test_sigterm_stops_after_a_step_with_a_checkpoint_and_the_resumed_run_is_the_same(tmp_path, uninterrupted):
     out = tmp_path / "run"
     run = _launch(out)
@@ -114,9 +116,10 @@ def test_sigterm_stops_after_a_step_with_a_checkpoint_and_the_resumed_run_is_the
 
     code, err, _ = _finish(_launch(out, "--resume_from_checkpoint", "latest"))
     assert code == 0, err[-3000:]
-    _assert_same(_lora(out), uninterrupted[1])
+    _assert_same(_lora(out), uninterrupted(1))
 
 
+@pytest.mark.slow
 def test_sigusr1_to_one_process_stops_both_at_the_same_step_and_the_resumed_run_is_the_same(tmp_path, uninterrupted):
     out = tmp_path / "run"
     run = _launch(out, processes=2)
@@ -132,9 +135,10 @@ def test_sigusr1_to_one_process_stops_both_at_the_same_step_and_the_resumed_run_
 
     code, err, _ = _finish(_launch(out, "--resume_from_checkpoint", "latest", processes=2))
     assert code == 0, err[-3000:]
-    _assert_same(_lora(out), uninterrupted[2])
+    _assert_same(_lora(out), uninterrupted(2))
 
 
+@pytest.mark.slow
 def test_a_killed_process_ends_the_run_at_once_and_the_resumed_run_is_the_same(tmp_path, uninterrupted):
     out = tmp_path / "run"
     run = _launch(out, processes=2)
@@ -146,7 +150,7 @@ def test_a_killed_process_ends_the_run_at_once_and_the_resumed_run_is_the_same(t
 
     code, err, _ = _finish(_launch(out, "--resume_from_checkpoint", "latest", processes=2))
     assert code == 0, err[-3000:]
-    _assert_same(_lora(out), uninterrupted[2])
+    _assert_same(_lora(out), uninterrupted(2))
 
 
 # ------------------------------------------------------------------------------------------------------ a full disk

@@ -108,6 +108,7 @@ def test_rollout_merge_lora_is_one_key_and_resumes_exactly(tmp_path, tiny_sd3_di
     assert all(torch.equal(lora_resumed[key], lora_folded[key]) for key in lora_folded)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("merge", [False, True])
 def test_compiled_transformer_does_not_recompile_in_steady_state(tmp_path, tiny_sd3_dir, merge):
     """compile_transformer compiles the blocks once per state (rollouts, reference, policy pass, adapters on/off);

@@ -30,6 +30,7 @@ def lora_tensors(directory):
     return load_file(str(directory / "pytorch_lora_weights.safetensors"))
 
 
+@pytest.mark.slow
 def test_tiny_default_improves_the_heldout_reward(tmp_path, tiny_sd3_dir):
     """The learning test: the shipped offline default, unchanged but for the output directory."""
     cfg = load_config("configs/tiny_cpu.yaml", {"output_dir": str(tmp_path / "run")})
@@ -325,7 +326,7 @@ def _torchrun(output_dir, *args):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "scripts/train_sd3.py",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "scripts/train_sd3.py",
            "--config", "configs/tiny_cpu.yaml", "--output_dir", str(output_dir), "--eval_prompts", "2",
            "--eval_seeds", "[1000]", "--sample_every", "0", "--checkpointing_steps", "2",
            *(["--method_options", "{}"] if "--method" in args else []), *args]
@@ -333,6 +334,7 @@ def _torchrun(output_dir, *args):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=repo, env=env)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, prompts_per_step, images_per_prompt", [("dpo", "2", "4"), ("nft", "3", "2")])
 def test_two_processes_train_and_checkpoint(tmp_path, tiny_sd3_dir, method, prompts_per_step, images_per_prompt):
     """Two real processes (torchrun, gloo on CPU): rollouts are sharded and each process saves its own RNG state.
@@ -352,12 +354,14 @@ def test_two_processes_train_and_checkpoint(tmp_path, tiny_sd3_dir, method, prom
         assert all(m["dpo_pairs"] == 2 and m["skipped_empty"] == 0 for m in lines)
 
 
+@pytest.mark.slow
 def test_dpo_refuses_groups_split_across_processes(tmp_path):
     done = _torchrun(tmp_path / "run", "--method", "dpo", "--prompts_per_step", "3", "--images_per_prompt", "2",
                      "--max_steps", "1")  # 2 x 3 rollouts: the middle group would span both processes
     assert done.returncode != 0 and "each process must hold whole prompt groups" in done.stderr
 
 
+@pytest.mark.slow
 def test_compiled_transformer_gives_the_same_run(tmp_path, tiny_sd3_dir):
     """compile_transformer compiles the transformer's blocks for every pass, the train step's backward included
     (here with the 'aot_eager' backend: TorchDynamo's capture and AOTAutograd's forward/backward graphs without
@@ -441,6 +445,7 @@ def test_heldout_fraction_gives_the_heldout_check_prompts_training_never_draws(t
     assert unsplit.num_training_prompts == len(unsplit.prompts) == 12
 
 
+@pytest.mark.slow
 def test_normalized_advantages_make_the_reward_scale_irrelevant(tmp_path, tiny_sd3_dir):
     """advantage_normalization: group_std: the reward x5 trains the same LoRA, up to float rounding; with the paper's
     raw differences (none) the scale changes the run."""
