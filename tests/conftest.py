@@ -50,6 +50,20 @@ def shared_tmp_path(tmp_path_factory):
     return base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
 
 
+@pytest.fixture(scope="session")
+def lora_difference():
+    """``lora_difference(a, b)``: ``||a - b|| / ||B||`` over every tensor of two LoRA state dicts, with ``B`` the
+    ``lora_B`` weights of ``a`` (zero before training): how far apart two runs ended, relative to how far training
+    went. For runs that differ by float rounding only, a per-element bound is fragile: where a gradient is near
+    zero, Adam's ``m / sqrt(v)`` turns its rounding into a whole step of that one weight."""
+    def difference(a: dict, b: dict) -> float:
+        apart = sum((a[key] - b[key]).double().pow(2).sum() for key in a)
+        trained = sum(a[key].double().pow(2).sum() for key in a if "lora_B" in key)
+        return (apart / trained).sqrt().item()
+
+    return difference
+
+
 @pytest.fixture
 def tiny_pipe(tiny_sd3_dir):
     from adrpo_diffusion.families import load_family

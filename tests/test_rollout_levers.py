@@ -94,13 +94,12 @@ def _run(output_dir, **overrides):
     return trainer, load_file(str(output_dir / "pytorch_lora_weights.safetensors"))
 
 
-def test_rollout_merge_lora_is_one_key_and_resumes_exactly(tmp_path, tiny_sd3_dir):
+def test_rollout_merge_lora_is_one_key_and_resumes_exactly(tmp_path, tiny_sd3_dir, lora_difference):
     plain, lora_plain = _run(tmp_path / "plain", max_steps=3)
     folded, lora_folded = _run(tmp_path / "merged", max_steps=3, rollout_merge_lora=True)
     assert folded.merged_lora is not None and plain.merged_lora is None
     # fp32 on the CPU: merged rollouts differ from unmerged ones by float rounding only, so the runs agree closely
-    for key in lora_plain:
-        torch.testing.assert_close(lora_folded[key], lora_plain[key], rtol=1e-3, atol=1e-5)
+    assert lora_difference(lora_folded, lora_plain) < 1e-3
     base = {n: p for n, p in plain.transformer.named_parameters() if "lora" not in n}
     assert all(torch.equal(p, base[n]) for n, p in folded.transformer.named_parameters() if "lora" not in n)
     _run(tmp_path / "split", max_steps=2, rollout_merge_lora=True)
