@@ -29,6 +29,7 @@ def small_config(output_dir, **overrides):
 def lora_tensors(directory):
     return load_file(str(directory / "pytorch_lora_weights.safetensors"))
 
+
 @pytest.mark.slow
 def test_tiny_default_improves_the_heldout_reward(tmp_path, tiny_sd3_dir):
     """The learning test: the shipped offline default, unchanged but for the output directory."""
