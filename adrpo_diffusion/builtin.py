@@ -37,9 +37,9 @@ LANGUAGE_MODELS = {  # transformers models, for adrpo-grpo and adrpo-audio-eval
     "tiny-omni-thinker": ("adrpo_diffusion.testing.tiny_language_models:build_tiny_omni", "a few seconds"),
 }
 ASSETS = {"tiny-scorers": ("adrpo_diffusion.testing.tiny_scorers:build_tiny_scorer_assets", "about a second")}
-# The cache directory of a built-in whose recipe changed carries its revision (``tiny-sd3-shapes.r3``): a cache
+# The cache directory of a built-in whose recipe changed carries its revision (``tiny-sd3-shapes.r4``): a cache
 # built by an older version of the package is never taken for the new model.
-REVISIONS = {"tiny-sd3-shapes": 3}
+REVISIONS = {"tiny-sd3-shapes": 4}
 
 
 def model_names() -> list[str]:

@@ -27,7 +27,7 @@ def tiny_sd3_dir():
     return resolve_model("builtin:tiny-sd3")
 
 
-SHAPES_TEST_STEPS = 150  # in the cache directory's name: another recipe is never taken for this one
+SHAPES_TEST_STEPS = 150  # in the cache directory's name with the base's revision: another recipe is never taken
 
 
 @pytest.fixture(scope="session")
@@ -35,10 +35,12 @@ def shapes_test_base():
     """A smaller shapes base for the lab's tests: the recipe of ``builtin:tiny-sd3-shapes`` (8 to 13 minutes to
     build) with fewer VAE and pre-training steps and a smaller image bank, built once per cache in under a minute.
     It draws coloured blobs more than shapes: the lab's mechanics, not its numbers, are under test."""
+    from adrpo_diffusion.builtin import REVISIONS
     from adrpo_diffusion.testing.shapes_base import build_tiny_sd3_shapes
     from adrpo_diffusion.utils import build_once, cache_dir
 
-    return str(build_once(cache_dir() / f"tiny-sd3-shapes-test-{SHAPES_TEST_STEPS}", lambda directory:
+    name = f"tiny-sd3-shapes-test-{SHAPES_TEST_STEPS}.r{REVISIONS['tiny-sd3-shapes']}"
+    return str(build_once(cache_dir() / name, lambda directory:
                           build_tiny_sd3_shapes(directory, steps=SHAPES_TEST_STEPS, vae_steps=60, bank_size=512)))
 
 

@@ -36,7 +36,7 @@ def test_building_the_shapes_base_leaves_the_global_rng_unchanged(tmp_path, monk
     monkeypatch.setenv("ADRPO_CACHE", str(tmp_path))
     monkeypatch.setattr(shapes_base, "build_tiny_sd3_shapes", build)
     state = torch.get_rng_state()
-    assert resolve_model("builtin:tiny-sd3-shapes") == str(tmp_path / "tiny-sd3-shapes.r3")  # the recipe's revision
+    assert resolve_model("builtin:tiny-sd3-shapes") == str(tmp_path / "tiny-sd3-shapes.r4")  # the recipe's revision
     assert torch.equal(torch.get_rng_state(), state)
     assert "about 10 minutes" in capsys.readouterr().out
 

@@ -597,8 +597,9 @@ def _styles(results: dict) -> dict[str, tuple]:
 
 
 def plot_results(results: dict, out: Path) -> list[Path]:
-    """``frontier.png``: held-out reward against feature diversity and against W2 divergence along each run's
-    training (mean over seeds; a star at the chosen checkpoint; colour: method, line style: strength);
+    """``frontier.png``: held-out reward against feature diversity and against W2 divergence (log scale above
+    1e-3) along each run's training (mean over seeds; a star at the chosen checkpoint; colour: method, line style:
+    strength), framed on the base and the stars (a run that collapses far below them leaves the frame);
     ``learning_curves.png``: reward, pass rate and feature diversity against steps (± SE bands over seeds)."""
     import matplotlib
 
@@ -608,6 +609,7 @@ def plot_results(results: dict, out: Path) -> list[Path]:
     styles, base, written = _styles(results), results["base"], []
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, x_metric in zip(axes, ("feature_diversity", "w2_divergence")):
+        stars, points = [base["reward"]], [(base[x_metric], base["reward"])]
         for name, run in results["runs"].items():
             colour, style = styles[name]
             steps, x, _ = trajectory(run, x_metric)
@@ -615,13 +617,22 @@ def plot_results(results: dict, out: Path) -> list[Path]:
             ax.plot(x, y, linestyle=style, color=colour, marker="o", markersize=2.5, label=name)
             k = steps.index(_chosen(run)[0]["step"])
             ax.plot(x[k], y[k], marker="*", markersize=11, color=colour, markeredgecolor="black", linestyle="none")
+            stars.append(y[k])
+            points += zip(x, y)
         ax.scatter([base[x_metric]], [base["reward"]], color="black", zorder=5, s=40, label="base")
+        # framed on the base and the stars: the tail of a run that collapses far below them leaves the frame
+        bottom = min(stars) - 0.05
+        inside = [x for x, y in points if y >= bottom]
+        ax.set_ylim(bottom, max(y for _, y in points) + 0.01)
+        ax.set_xlim(min(inside) - 0.02 * (max(inside) - min(inside)), max(inside) * 1.05 + 1e-9)
         ax.set_xlabel(x_metric.replace("_", " "))
         ax.set_ylabel(f"held-out {results['settings']['reward']} reward")
         ax.grid(alpha=0.3)
     axes[0].axvline(results["settings"]["matched_diversity"] * base["feature_diversity"], color="grey", linewidth=0.8,
                     linestyle="--")
     axes[0].invert_xaxis()  # training moves right: less diversity
+    axes[1].set_xscale("symlog", linthresh=1e-3)  # W2 from 1e-3 (a frozen anchor) to 1 and more (a collapse)
+    axes[1].set_xlim(left=0)
     axes[1].legend(fontsize=6, ncol=2)
     written.append(_save_figure(fig, "Frontier: reward against diversity and W2 to the base along training (star: "
                                      "chosen checkpoint)", out / "frontier.png"))

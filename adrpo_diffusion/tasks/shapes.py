@@ -38,11 +38,11 @@ COUNT_WORDS = {"two": 2, "three": 3}
 POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
 SKILLS = ("colour", "binding", "count", "position")
 POSITION_LIMIT = 0.4  # "on the left": centre x below 40% of the width (and likewise for the other sides)
-# Bounding-box sides as fractions of the image side: a lone shape, and each shape of a count or binding caption.
-# Large on purpose: at 32 px a shape then spans 3-5 of the tiny transformer's 4x4-pixel tokens, enough for a small
-# model to learn its outline (with sides of 0.28-0.44 and 0.2-0.3 its base stayed at chance on the shape check).
-SINGLE_SIDE = (0.4, 0.6)
-MULTI_SIDE = (0.26, 0.36)
+# Bounding-box sides as fractions of the image side, by the number of shapes in the image (a lone shape; two, as in
+# a binding caption or "two ..."; three). As large as fits: at 32 px a shape then spans 3-5 of the tiny
+# transformer's 4x4-pixel tokens, enough for a small model to learn its outline. Smaller shapes stayed at chance on
+# the shape check (lone shapes of 0.28-0.44; two or three shapes of 0.26-0.36: 0.31 on binding captions).
+SIDES = {1: (0.4, 0.6), 2: (0.36, 0.46), 3: (0.3, 0.4)}
 
 
 class CaptionError(ValueError):
@@ -210,10 +210,9 @@ def _centre_range(side: float, size: int, position: str | None, axis: str) -> tu
 def place_scene(scene: Scene, generator: torch.Generator, size: int = 32) -> list[Placed]:
     """Random sizes and non-overlapping positions (bounding boxes at least 2 pixels apart) for every shape of
     the scene, by rejection sampling from ``generator``."""
-    single = len(scene.objects) == 1 and scene.objects[0].count == 1
-    low, high = SINGLE_SIDE if single else MULTI_SIDE
-    side_range = (low * size, high * size)
     wanted = [spec for spec in scene.objects for _ in range(spec.count)]
+    low, high = SIDES[len(wanted)]
+    side_range = (low * size, high * size)
     for _ in range(1000):
         placed = []
         for spec in wanted:

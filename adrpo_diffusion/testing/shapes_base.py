@@ -20,12 +20,15 @@ start and end tokens) instead of CLIP's 77: the transformer then attends over 40
 
 Everything is seeded, so a build is deterministic on a given machine and thread count (8 to 9 minutes on 2 CPU
 cores, up to about 13 on slower ones). Measured on the 16 captions of ``prompts/shapes.txt`` x 16 held-out noise
-seeds (12 Euler steps), the base draws the named colours and mostly the named shapes (shape check 0.51, chance
-0.33), yet a single sample still often misses a count, a side or a binding: it scores 0.70 on the ``shapes`` reward
-and passes every check 39% of the time, while the best of 8 samples scores 0.87, and it draws different images for
-different noise: room for an RL fine-tuning to improve, as SD3 has on GenEval. Revision 2 (a 250-step VAE fit and
-2400 pre-training steps on 4096 images) scored 0.59, shape check 0.35, best of 8 0.74: its VAE's blurred edges
-capped the colour check near 0.70 and, half-trained, it drew blobs where triangles were asked.
+seeds (12 Euler steps), the base draws the named colours and mostly the named shapes (shape check 0.66, chance
+0.33), yet a single sample still often misses a count, a side, a shape or a binding: it scores 0.77 on the
+``shapes`` reward and passes every check 58% of the time, while the best of 8 samples scores 0.92, and it draws
+different images for different noise: room for an RL fine-tuning to improve, as SD3 has on GenEval. Revision 4 is
+revision 3 trained on larger shapes where an image has two or three (:data:`adrpo_diffusion.tasks.shapes.SIDES`):
+revision 3 drew those at chance on the shape check (0.31 on binding captions) and scored 0.70, best of 8 0.87.
+Revision 2 (a 250-step VAE fit and 2400 pre-training steps on 4096 images) scored 0.59, shape check 0.35, best of
+8 0.74: its VAE's blurred edges capped the colour check near 0.70 and, half-trained, it drew blobs where triangles
+were asked.
 """
 
 from __future__ import annotations
