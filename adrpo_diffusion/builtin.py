@@ -50,11 +50,17 @@ def is_builtin(name: str) -> bool:
     return isinstance(name, str) and name.startswith(PREFIX)
 
 
+def cache_name(name: str, variant: str = "") -> str:
+    """The cache directory's name of built-in ``name`` (``variant``: a suffix for another build of its recipe, e.g. a
+    smaller one for tests), with the recipe's revision from the second on: ``tiny-sd3-shapes-test-150.r4``."""
+    revision = REVISIONS.get(name, 1)
+    return name + variant if revision == 1 else f"{name}{variant}.r{revision}"
+
+
 def _build(name: str, builder: tuple[str, str]) -> Path:
     """The cached directory of ``name``, built once. A build leaves the global torch RNG as it found it (the builders
     draw inside ``torch.random.fork_rng``): a run seeded before its model loads draws the same numbers either way."""
-    revision = REVISIONS.get(name, 1)
-    target = cache_dir() / (name if revision == 1 else f"{name}.r{revision}")
+    target = cache_dir() / cache_name(name)
     (module, function), duration = builder[0].split(":"), builder[1]
     return build_once(target, lambda directory: getattr(importlib.import_module(module), function)(directory),
                       lambda: print(f"[adrpo] building {PREFIX}{name} once into {target} ({duration} on a CPU; later "

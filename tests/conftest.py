@@ -35,11 +35,11 @@ def shapes_test_base():
     """A smaller shapes base for the lab's tests: the recipe of ``builtin:tiny-sd3-shapes`` (8 to 13 minutes to
     build) with fewer VAE and pre-training steps and a smaller image bank, built once per cache in under a minute.
     It draws coloured blobs more than shapes: the lab's mechanics, not its numbers, are under test."""
-    from adrpo_diffusion.builtin import REVISIONS
+    from adrpo_diffusion.builtin import cache_name
     from adrpo_diffusion.testing.shapes_base import build_tiny_sd3_shapes
     from adrpo_diffusion.utils import build_once, cache_dir
 
-    name = f"tiny-sd3-shapes-test-{SHAPES_TEST_STEPS}.r{REVISIONS['tiny-sd3-shapes']}"
+    name = cache_name("tiny-sd3-shapes", f"-test-{SHAPES_TEST_STEPS}")
     return str(build_once(cache_dir() / name, lambda directory:
                           build_tiny_sd3_shapes(directory, steps=SHAPES_TEST_STEPS, vae_steps=60, bank_size=512)))
 
