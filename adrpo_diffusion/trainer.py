@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import json
 import math
 import pickle
@@ -212,8 +211,7 @@ class Trainer:
         self.eval_indices = ([n_train + i for i in eval_prompt_indices(n_heldout, cfg.eval_prompts)] if n_heldout
                              else eval_prompt_indices(n_train, cfg.eval_prompts))
         self.cache = family.encode_prompts(self.prompts, acc.device, self.weight_dtype, cfg.max_sequence_length)
-        family.free_text_encoders()
-        gc.collect()
+        family.free_text_encoders()  # freed at once: nothing else refers to them (tests/test_families.py)
         # time_sampling: sampler trains at the times where the rollouts evaluate the transformer (t = 1 - sigma)
         self.sampler_t = (1.0 - family.sampler_sigmas(self.cache, cfg.num_inference_steps, cfg.resolution)
                           if cfg.time_sampling == "sampler" else None)

@@ -20,6 +20,23 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def frozen_heap():
+    """Before each test module, the objects alive then (above all those of the big imports: diffusers' pipelines,
+    transformers' models, TorchDynamo, about 300k after the first few tests) are moved out of the garbage
+    collector's sight: every full collection (diffusers' ``free_memory`` between models, accelerate's at the end of
+    a run, Python's own) then skips them, 0.2-0.3 s less each, 30-40 s of the suite's CPU time. Reference counting
+    still frees them; the tests' own objects are collected as usual."""
+    import gc
+
+    from diffusers import FluxPipeline, SanaPipeline, StableDiffusion3Pipeline  # noqa: F401
+
+    import adrpo_diffusion.trainer  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture(scope="session")
 def tiny_sd3_dir():
     from adrpo_diffusion.builtin import resolve_model

@@ -354,11 +354,15 @@ def test_two_processes_train_and_checkpoint(tmp_path, tiny_sd3_dir, method, prom
         assert all(m["dpo_pairs"] == 2 and m["skipped_empty"] == 0 for m in lines)
 
 
-@pytest.mark.slow
-def test_dpo_refuses_groups_split_across_processes(tmp_path):
-    done = _torchrun(tmp_path / "run", "--method", "dpo", "--prompts_per_step", "3", "--images_per_prompt", "2",
-                     "--max_steps", "1")  # 2 x 3 rollouts: the middle group would span both processes
-    assert done.returncode != 0 and "each process must hold whole prompt groups" in done.stderr
+def test_dpo_refuses_groups_split_across_processes(tmp_path, monkeypatch):
+    """Before any model loads. Two processes as torchrun gives them (test_two_processes_train_and_checkpoint runs
+    real ones): 2 x 3 rollouts, so the middle group would span both processes."""
+    import accelerate
+
+    monkeypatch.setattr(accelerate.Accelerator, "num_processes", property(lambda self: 2))
+    with pytest.raises(ValueError, match="each process must hold whole prompt groups"):
+        Trainer(small_config(tmp_path / "run", method="dpo", prompts_per_step=3, images_per_prompt=2))
+    Trainer(small_config(tmp_path / "run", method="dpo", prompts_per_step=2, images_per_prompt=3))  # one group each
 
 
 @pytest.mark.slow

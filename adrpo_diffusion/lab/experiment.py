@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import json
 import shutil
 import time
@@ -459,8 +458,6 @@ def _train_and_track(settings: LabSettings, run: LabRun, lr: float, seed: int, o
         trainer = Trainer(load_config(None, values),
                           callbacks=[_Tracker(settings, out, run_dir, seed, prompts, probes, results, records)])
         trainer.train()
-    del trainer
-    gc.collect()
     return records
 
 
