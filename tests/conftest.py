@@ -23,10 +23,10 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="module", autouse=True)
 def frozen_heap():
     """Before each test module, the objects alive then (above all those of the big imports: diffusers' pipelines,
-    transformers' models, TorchDynamo, about 300k after the first few tests) are moved out of the garbage
+    transformers' models, TorchDynamo; about 480k once the pipelines are imported) are moved out of the garbage
     collector's sight: every full collection (diffusers' ``free_memory`` between models, accelerate's at the end of
-    a run, Python's own) then skips them, 0.2-0.3 s less each, 30-40 s of the suite's CPU time. Reference counting
-    still frees them; the tests' own objects are collected as usual."""
+    a run, Python's own) then skips them, 0.25-0.3 s less each, about 38 s of the suite's CPU time (BENCHMARKS.md,
+    "The test suite"). Reference counting still frees them; the tests' own objects are collected as usual."""
     import gc
 
     from diffusers import FluxPipeline, SanaPipeline, StableDiffusion3Pipeline  # noqa: F401

@@ -177,7 +177,8 @@ def test_the_trainer_frees_the_text_encoders_at_once(tmp_path, name):
     import weakref
 
     family = load_family(BUILTIN[name])
-    encoders = [weakref.ref(getattr(family.pipe, n)) for n in family.text_encoders if getattr(family.pipe, n, None)]
+    encoders = [weakref.ref(getattr(family.pipe, n)) for n in family.text_encoders
+                if getattr(family.pipe, n, None) is not None]
     assert encoders
     gc.disable()
     try:

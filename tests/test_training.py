@@ -359,9 +359,13 @@ def test_dpo_refuses_groups_split_across_processes(tmp_path, monkeypatch):
     real ones): 2 x 3 rollouts, so the middle group would span both processes."""
     import accelerate
 
+    from adrpo_diffusion import trainer as trainer_module
+
     monkeypatch.setattr(accelerate.Accelerator, "num_processes", property(lambda self: 2))
-    with pytest.raises(ValueError, match="each process must hold whole prompt groups"):
-        Trainer(small_config(tmp_path / "run", method="dpo", prompts_per_step=3, images_per_prompt=2))
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module, "load_family", lambda *a, **k: pytest.fail("a model loaded before the check"))
+        with pytest.raises(ValueError, match="each process must hold whole prompt groups"):
+            Trainer(small_config(tmp_path / "run", method="dpo", prompts_per_step=3, images_per_prompt=2))
     Trainer(small_config(tmp_path / "run", method="dpo", prompts_per_step=2, images_per_prompt=3))  # one group each
 
 
