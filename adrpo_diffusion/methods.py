@@ -261,10 +261,13 @@ class WeightedFlowMatching(Method):
         fm, w2, metrics = self.weights(rewards, group_ids)
         metrics |= {"fm_weight_mean": fm.mean().item(), "beta_tot_mean": w2.mean().item()}
         values = {"fm": local_slice(fm, rank, n_local), "w2": local_slice(w2, rank, n_local)}
-        anchors = ()
-        if bool(torch.any(w2 != 0)):
-            anchors = (self.anchor_name,) if self.anchor_name == "reference" else (self.anchor_name, "reference")
+        anchors = (self.anchor_name, *self.logged_anchors()) if bool(torch.any(w2 != 0)) else ()
         return TrainingPlan(torch.arange(n_local), 1, values, rewards.numel(), anchors, metrics)
+
+    def logged_anchors(self) -> tuple[str, ...]:
+        """Velocities the loss does not read but whose divergence is logged: the frozen base, when the W2 term pulls
+        elsewhere (``w2_divergence``)."""
+        return ("reference",) if self.anchor_name != "reference" else ()
 
     def loss(self, batch, values):
         loss, parts = weighted_fm_w2_loss(batch.v_theta, batch.anchors.get(self.anchor_name), batch.target,
@@ -308,7 +311,7 @@ class ADRPO(AdvantageWeighted):
     the policy instead (an extra LoRA adapter, ``ema = anchor_decay * ema + (1 - anchor_decay) * policy`` after every
     step), so each step's re-weighting starts from where the policy is and the gains compound, as DiffusionNFT's and
     AWM's anchors do; the W2 divergence to the base is still logged (``w2_divergence``; to the anchor:
-    ``anchor_divergence``).
+    ``anchor_divergence``) unless ``base_divergence: false`` saves the base's forward pass it costs.
     """
 
     name: ClassVar[str] = "adrpo"
@@ -319,6 +322,9 @@ class ADRPO(AdvantageWeighted):
                                      "of the policy (our variant: gains compound over steps).")
     anchor_decay: float = documented(0.5, "anchor: ema only: the average's decay d in [0, 1) (ema = d ema + (1 - d) "
                                           "policy after each step; 0: the policy before the step).")
+    base_divergence: bool = documented(True, "anchor: ema only: also run the frozen base on every sample to log "
+                                             "w2_divergence, the divergence to it (false: no w2_divergence, a step "
+                                             "about 8% faster; training is the same).")
 
     @property
     def anchor_name(self) -> str:
@@ -342,6 +348,9 @@ class ADRPO(AdvantageWeighted):
 
     def w2_weights(self, advantages):
         return self.beta0 - advantages
+
+    def logged_anchors(self):
+        return super().logged_anchors() if self.base_divergence else ()
 
     def copies(self):
         return ("ema",) if self.anchor == "ema" else ()

@@ -103,6 +103,8 @@ def test_adrpo_moving_anchor_pulls_to_the_ema_copy_and_logs_the_divergence_to_th
     base = plan("adrpo")
     ema = plan("adrpo", {"anchor": "ema", "anchor_decay": 0.9})
     assert base.anchors == ("reference",) and ema.anchors == ("ema", "reference")
+    assert plan("adrpo", {"anchor": "ema", "base_divergence": False}).anchors == ("ema",)  # the base not run
+    assert plan("adrpo", {"base_divergence": False}).anchors == ("reference",)  # the anchor itself: still run
     assert torch.equal(base.values["fm"], ema.values["fm"]) and torch.equal(base.values["w2"], ema.values["w2"])
     method = build_method("adrpo", {"anchor": "ema", "anchor_decay": 0.9}, images_per_prompt=3)
     assert method.copies() == ("ema",) and method.copy_decay("ema", 7) == 0.9
