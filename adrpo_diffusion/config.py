@@ -83,6 +83,10 @@ class TrainConfig:
                                    "advantages that sum to zero per group the noise's own term cancels in the "
                                    "advantage-weighted gradient. Measured (BENCHMARKS.md): less gradient noise where "
                                    "a group's samples are alike (a weak base), none on a trained one.")
+    updates_per_rollout: int = _f(1, "Optimizer updates on each iteration's rollouts, each with fresh (noise, t) draws "
+                                     "(Flow-GRPO's and DDPO's inner epochs): 1 is on-policy; more reuse the rollouts, "
+                                     "whose cost is then shared. The methods' moving copies follow every update, and "
+                                     "the learning-rate schedule counts updates (max_steps x updates_per_rollout).")
     train_batch_size: int = _f(8, "Samples per forward/backward on each process; gradients accumulate over the iteration.")
     # --- optimiser
     learning_rate: float = _f(1e-4, "AdamW learning rate.")
@@ -93,7 +97,7 @@ class TrainConfig:
     use_8bit_adam: bool = _f(False, "bitsandbytes' 8-bit AdamW (needs bitsandbytes and a GPU).")
     max_grad_norm: float = _f(1.0, "Gradient clipping (0 disables).")
     lr_scheduler: str = _f("constant", "diffusers.optimization scheduler: constant, constant_with_warmup, cosine, linear, ...")
-    lr_warmup_steps: int = _f(0, "Warm-up steps of the LR scheduler.")
+    lr_warmup_steps: int = _f(0, "Warm-up of the LR scheduler, in optimizer updates (steps x updates_per_rollout).")
     # --- run
     output_dir: str = _f("outputs/adrpo-sd3", "Where LoRA weights, checkpoints, metrics and samples go.")
     max_steps: int = _f(1000, "Training iterations (each: rollouts, rewards, one optimiser step).")
@@ -169,7 +173,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.report_to not in ("tensorboard", "wandb", "none"):
         problems.append(f"report_to must be tensorboard, wandb or none, got {cfg.report_to!r}")
     for name in ("prompts_per_step", "num_inference_steps", "rollout_batch_size", "train_batch_size",
-                 "timesteps_per_sample", "lora_rank", "max_steps", "resolution", "max_consecutive_nonfinite"):
+                 "timesteps_per_sample", "updates_per_rollout", "lora_rank", "max_steps", "resolution",
+                 "max_consecutive_nonfinite"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("checkpointing_steps", "checkpoint_every_minutes", "checkpoints_total_limit", "sample_every", "eval_prompts",

@@ -238,9 +238,9 @@ class Trainer:
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
         from diffusers.optimization import get_scheduler
 
-        # Not passed to accelerator.prepare, which would step it once per process; it steps once per iteration.
+        # Not passed to accelerator.prepare, which would step it once per process; it steps once per applied update.
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                          num_training_steps=cfg.max_steps)
+                                          num_training_steps=cfg.max_steps * cfg.updates_per_rollout)
         self.model, self.optimizer = acc.prepare(self.transformer, optimizer)
         self.sampler = PromptSampler(self.num_training_prompts, cfg.seed)
         # Saved and loaded by the hooks below, not registered with accelerate, which unpickles registered objects
@@ -397,26 +397,35 @@ class Trainer:
         valid_rewards = all_rewards[torch.isfinite(all_rewards)]
         t2 = time.perf_counter()
 
-        # 4. flow-matching regression with fresh noise and t, accumulated into one step (none when the method found
-        # nothing to train on anywhere, e.g. DPO with every group's rewards equal).
+        # 4. flow-matching regression with fresh noise and t, accumulated into one update (none when the method found
+        # nothing to train on anywhere, e.g. DPO with every group's rewards equal); updates_per_rollout updates on
+        # these rollouts, each with its own draws. 5. After each, the method's copies of the policy follow it:
+        # copy = d copy + (1 - d) policy.
         groups = (rank * n_local + torch.arange(n_local)) // K  # prompt group of each local rollout
-        sums, grad_norm = self._regress(plan, x1, local_prompt, groups) if plan.global_units else ({}, torch.zeros(()))
-        # A non-finite loss or gradient anywhere, or no group with finite rewards, skips the step everywhere.
-        ok = dropped < total and math.isfinite(sums.get("loss", 0.0)) and bool(grad_norm.isfinite())
-        finite = bool(acc.gather(torch.tensor([float(ok)], device=acc.device)).min().item())
-        if finite and plan.global_units:
-            self.optimizer.step()
-            self.lr_scheduler.step()  # the schedule counts applied updates
-        # 5. the method's copies of the policy follow it: copy = d copy + (1 - d) policy
-        decays = {name: self.method.copy_decay(name, self.step + 1) for name in self.method.copies()}
-        for name, decay in decays.items():
-            self.copies.update(name, decay)
-        if finite:
-            self.nonfinite_in_a_row = 0
-        else:
-            self.nonfinite_in_a_row += 1
-            self.nonfinite_total += 1
-        self.optimizer.zero_grad(set_to_none=True)
+        sums, grad_norms, skipped = {}, [], 0
+        for update in range(cfg.updates_per_rollout):
+            parts, grad_norm = (self._regress(plan, x1, local_prompt, groups) if plan.global_units
+                                else ({}, torch.zeros(())))
+            # A non-finite loss or gradient anywhere, or no group with finite rewards, skips the update everywhere.
+            ok = dropped < total and math.isfinite(parts.get("loss", 0.0)) and bool(grad_norm.isfinite())
+            finite = bool(acc.gather(torch.tensor([float(ok)], device=acc.device)).min().item())
+            if finite and plan.global_units:
+                self.optimizer.step()
+                self.lr_scheduler.step()  # the schedule counts applied updates
+            updates_done = self.step * cfg.updates_per_rollout + update + 1
+            decays = {name: self.method.copy_decay(name, updates_done) for name in self.method.copies()}
+            for name, decay in decays.items():
+                self.copies.update(name, decay)
+            if finite:
+                self.nonfinite_in_a_row = 0
+            else:
+                self.nonfinite_in_a_row += 1
+                self.nonfinite_total += 1
+                skipped += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + value / cfg.updates_per_rollout
+            grad_norms.append(grad_norm.item())
         t3 = time.perf_counter()
 
         losses = {}
@@ -432,9 +441,9 @@ class Trainer:
             **plan.metrics,
             **losses,
             **{f"{name}_decay": decay for name, decay in decays.items()},
-            "grad_norm": grad_norm.item(),
+            "grad_norm": sum(grad_norms) / len(grad_norms),
             "lr": self.lr_scheduler.get_last_lr()[0],
-            "skipped_nonfinite": int(not finite),
+            "skipped_nonfinite": skipped,
             "skipped_empty": int(not plan.global_units and dropped < total),
             "nonfinite_total": self.nonfinite_total,
             "seconds_rollout": t1 - t0,

@@ -57,6 +57,7 @@ def test_unknown_command_line_flag(capsys):
         (["--method", "raft", "--method_options", "{top_k: 8}"], "top_k must be in [1, images_per_prompt - 1 = 7]"),
         (["--method_options", "[1]"], "method_options must be dict"),
         (["--images_per_prompt", "1"], "images_per_prompt (K) must be >= 2"),
+        (["--updates_per_rollout", "0"], "updates_per_rollout must be >= 1, got 0"),
         (["--method", "ppo"], "method must be one of"),
         (["--max_steps", "two"], "max_steps must be int"),
         (["--resolution", "30"], "multiple of 16"),

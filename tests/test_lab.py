@@ -322,7 +322,7 @@ def test_runs_selects_runs_by_name_and_rejects_unknown_ones(capsys):
                                                                         ("raft top_k=2", "raft", 2)]
     assert picked[0].overrides == {"method": "adrpo", "method_options": {
         "beta0": 2.0, "advantage_min": -2.0, "advantage_max": 2.0, "advantage_normalization": "group_std",
-        "anchor": "ema"}}
+        "anchor": "ema", "base_divergence": False}}
     assert [run.name for run in lab_runs(LabSettings(methods=["dpo"], strengths=2))] == ["dpo beta=500", "dpo beta=2500"]
     with pytest.raises(SystemExit):  # a base that is not there: named before anything loads
         main(["--pretrained_model", "/no/such/base"])

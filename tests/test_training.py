@@ -245,6 +245,36 @@ def test_the_moving_anchor_without_the_base_divergence_trains_the_same(tmp_path,
     assert any(a[key].abs().max() > 0 for key in a if "lora_B" in key)  # trained: the comparison can fail
 
 
+def test_updates_per_rollout_reuse_the_rollouts_with_fresh_draws(tmp_path, tiny_sd3_dir, monkeypatch):
+    """updates_per_rollout: 2 is, to the bit, two on-policy iterations whose second is handed the first's prompts
+    and rollouts: the same rewards and plan, fresh (noise, t) draws, the moving anchor after each update, and the
+    learning-rate schedule over updates (a linear decay to 0 over 2 updates in both runs)."""
+    common = dict(eval_prompts=0, checkpointing_steps=0, lr_scheduler="linear", method_options={"anchor": "ema"})
+    reused = Trainer(small_config(tmp_path / "reused", max_steps=1, updates_per_rollout=2, **common))
+    reused.train()
+    onpolicy = Trainer(small_config(tmp_path / "onpolicy", max_steps=2, **common))
+
+    def first_result(real):  # every call returns the first call's result
+        first = []
+
+        def once(*args, **kwargs):
+            if not first:
+                first.append(real(*args, **kwargs))
+            return first[0]
+        return once
+    monkeypatch.setattr(onpolicy, "_policy_rollouts", first_result(onpolicy._policy_rollouts))
+    monkeypatch.setattr(onpolicy.sampler, "draw", first_result(onpolicy.sampler.draw))
+    onpolicy.train()
+    a, b = lora_tensors(tmp_path / "reused"), lora_tensors(tmp_path / "onpolicy")
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert any(a[key].abs().max() > 0 for key in a if "lora_B" in key)  # trained: the comparison can fail
+    (line,) = [json.loads(text) for text in (tmp_path / "reused" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(text) for text in (tmp_path / "onpolicy" / "metrics.jsonl").read_text().splitlines()]
+    assert line["reward_mean"] == lines[0]["reward_mean"] == lines[1]["reward_mean"]
+    assert line["loss"] == pytest.approx((lines[0]["loss"] + lines[1]["loss"]) / 2, rel=1e-6)
+    assert line["lr"] == lines[1]["lr"] == 0.0
+
+
 @pytest.mark.parametrize("method, options, metrics", [
     ("dpo", "{}", {"dpo_accuracy", "dpo_margin", "w2_divergence"}),
     ("nft", "{}", {"nft_r_mean", "old_divergence", "old_decay", "w2_divergence", "advantage_divisor_mean"}),
