@@ -87,7 +87,7 @@ class TrainConfig:
                                      "(Flow-GRPO's and DDPO's inner epochs): 1 is on-policy; more reuse the rollouts, "
                                      "whose cost is then shared. The methods' moving copies follow every update, and "
                                      "the learning-rate schedule counts updates (max_steps x updates_per_rollout).")
-    train_batch_size: int = _f(8, "Samples per forward/backward on each process; gradients accumulate over the iteration.")
+    train_batch_size: int = _f(8, "Samples per forward/backward on each process; gradients accumulate over the update.")
     # --- optimiser
     learning_rate: float = _f(1e-4, "AdamW learning rate.")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
@@ -100,7 +100,7 @@ class TrainConfig:
     lr_warmup_steps: int = _f(0, "Warm-up of the LR scheduler, in optimizer updates (steps x updates_per_rollout).")
     # --- run
     output_dir: str = _f("outputs/adrpo-sd3", "Where LoRA weights, checkpoints, metrics and samples go.")
-    max_steps: int = _f(1000, "Training iterations (each: rollouts, rewards, one optimiser step).")
+    max_steps: int = _f(1000, "Training iterations (each: rollouts, rewards, updates_per_rollout optimiser steps).")
     seed: int = _f(0, "Seed of every random draw (prompts, rollouts, noise, t).")
     checkpointing_steps: int = _f(100, "Write a resumable checkpoint every N steps (0: only at the end).")
     checkpoints_total_limit: int = _f(3, "Keep the newest N checkpoints (0: keep all).")

@@ -10,6 +10,7 @@
            with adapters disabled, under no_grad
         5. methods with moving copies of the policy (DiffusionNFT's old policy, AWM's and ADRPO's EMA anchor) update
            them: copy = d copy + (1 - d) policy
+        (4 and 5 run updates_per_rollout times on the same rollouts, 1 by default: on-policy)
 """
 
 from __future__ import annotations
