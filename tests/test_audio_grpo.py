@@ -136,8 +136,10 @@ def test_guard_fails_when_trl_changes_an_overridden_method(monkeypatch):
 @pytest.mark.slow
 def test_training_learns_to_answer_from_the_audio(omni_dir, tmp_path):
     """150 ADRPO-GRPO steps on the pitch task raise held-out accuracy from about 0.05 to about 0.6 (chance among
-    the three answers: 1/3; seeds 0 and 42 reached 0.65 at 200 steps); with each clip swapped for the next row's
-    (always another class) it falls below chance: the answers follow the audio."""
+    the three answers: 1/3; seeds 0 and 42 reached 0.65 at 200 steps). Every prompt's text is the same, so only the
+    audio can tell; with each clip swapped for the next row's (always another class) the same samples lose most of
+    it: the answers follow the audio. The check is that paired drop, not a level below chance: one CPU measured 0.66,
+    and 0.33 with the clips swapped (a drop of 0.33, about 8 SE), near chance itself with 128 samples."""
     from adrpo_diffusion.llm.cli import heldout_completion_rewards
 
     torch.manual_seed(0)
@@ -151,11 +153,12 @@ def test_training_learns_to_answer_from_the_audio(omni_dir, tmp_path):
     heldout = rows[1024:]
     before = heldout_completion_rewards(trainer, heldout, [0, 1]).mean().item()
     trainer.train()
-    accuracy = heldout_completion_rewards(trainer, heldout, [0, 1]).mean().item()
+    correct = heldout_completion_rewards(trainer, heldout, [0, 1])
     swapped = [{**row, "audio": heldout[(i + 1) % len(heldout)]["audio"]} for i, row in enumerate(heldout)]
-    swapped_accuracy = heldout_completion_rewards(trainer, swapped, [0, 1]).mean().item()
-    assert before < 0.2 and accuracy > 0.5, (before, accuracy)
-    assert swapped_accuracy < 0.3, swapped_accuracy
+    drop = correct - heldout_completion_rewards(trainer, swapped, [0, 1])  # paired: the same rows and seeds
+    assert before < 0.2 and correct.mean() > 0.5, (before, correct.mean())
+    se = drop.std() / len(drop) ** 0.5
+    assert drop.mean() > 0.15 and drop.mean() > 3 * se, (drop.mean(), se)
 
 
 def write_mmau(root, tasks):
