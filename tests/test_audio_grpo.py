@@ -137,7 +137,7 @@ def test_guard_fails_when_trl_changes_an_overridden_method(monkeypatch):
 def test_training_learns_to_answer_from_the_audio(omni_dir, tmp_path):
     """150 ADRPO-GRPO steps on the pitch task raise held-out accuracy from about 0.05 to about 0.6 (chance among
     the three answers: 1/3; seeds 0 and 42 reached 0.65 at 200 steps). Every prompt's text is the same, so only the
-    audio can tell; with each clip swapped for the next row's (always another class) the same samples lose most of
+    audio can tell; with each clip swapped for the next row's (always another class) the same samples lose much of
     it: the answers follow the audio. The check is that paired drop, not a level below chance: one CPU measured 0.66,
     and 0.33 with the clips swapped (a drop of 0.33, about 8 SE), near chance itself with 128 samples."""
     from adrpo_diffusion.llm.cli import heldout_completion_rewards
