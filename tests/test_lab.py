@@ -304,12 +304,12 @@ def test_the_shapes_config_uses_the_labs_protocol():
 
     config = load_config("configs/tiny_shapes_cpu.yaml", {})
     lab = LabSettings().training()
+    # not shared: the recipe's loss times per image (6 against the lab's 4) and its steps, rate schedule and merged
+    # rollouts, chosen for five minutes of training (docs/method_lab.md, "The recipe")
     shared = ("pretrained_model", "prompt_file", "reward", "reward_scale", "prompts_per_step", "images_per_prompt",
               "num_inference_steps", "guidance_scale", "resolution", "max_sequence_length", "time_sampling",
               "lora_rank", "lora_alpha", "max_grad_norm")
     assert {k: getattr(config, k) for k in shared} == {k: lab[k] for k in shared}
-    # the recipe draws more loss times per image than the lab's comparison (docs/method_lab.md, "The recipe")
-    assert config.timesteps_per_sample > lab["timesteps_per_sample"]
     overrides = [run.overrides for run in lab_runs(LabSettings())]
     assert {"method": config.method, "method_options": config.method_options} in overrides
 
