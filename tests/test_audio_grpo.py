@@ -141,6 +141,7 @@ def test_training_learns_to_answer_from_the_audio(omni_dir, tmp_path):
     it: the answers follow the audio. The check is that paired drop, not a level below chance: one CPU measured 0.66,
     and 0.33 with the clips swapped (a drop of 0.33, about 8 SE), near chance itself with 128 samples."""
     from adrpo_diffusion.llm.cli import heldout_completion_rewards
+    from adrpo_diffusion.utils import paired_change
 
     torch.manual_seed(0)
     rows = pitch_rows(1024 + 64)
@@ -155,10 +156,11 @@ def test_training_learns_to_answer_from_the_audio(omni_dir, tmp_path):
     trainer.train()
     correct = heldout_completion_rewards(trainer, heldout, [0, 1])
     swapped = [{**row, "audio": heldout[(i + 1) % len(heldout)]["audio"]} for i, row in enumerate(heldout)]
-    drop = correct - heldout_completion_rewards(trainer, swapped, [0, 1])  # paired: the same rows and seeds
     assert before < 0.2 and correct.mean() > 0.5, (before, correct.mean())
-    se = drop.std() / len(drop) ** 0.5
-    assert drop.mean() > 0.15 and drop.mean() > 3 * se, (drop.mean(), se)
+    # paired over the same rows and seeds: the drop is the mean of correct - swapped, with its standard error
+    change = paired_change(heldout_completion_rewards(trainer, swapped, [0, 1]), correct)
+    drop, se = change["improvement"], change["improvement_se"]
+    assert drop > 0.15 and drop > 3 * se, (drop, se)
 
 
 def write_mmau(root, tasks):
