@@ -11,6 +11,13 @@ Normalised (Flow-GRPO, DiffusionNFT and AWM divide the differences by a standard
 with ``std`` the population standard deviation of R over the group g(i) (``group_std``) or over the whole batch
 (``batch_std``, the anchors' default). Multiplying every reward by c > 0 then leaves A unchanged (for std > eps).
 
+Decoupled (GDPO, Liu et al. 2026, for a reward that is a sum of parts): each part c_k (a scorer of a weighted reward,
+or each check of a scorer that averages checks, e.g. ``shapes``) is standardised within its group before the weighted
+sum, so that a part that barely varies inside a group counts as much as one that varies a lot; the method then ranks
+or normalises the signal ``s`` (:func:`decoupled_signal`) in place of R:
+
+    s_i = (1 - m) z(R)_i + m z(sum_k w_k z(c_k))_i,    z(x)_i = (x_i - mean_{g(i)} x) / std_{g(i)} x  (0 if std <= eps)
+
 Under multi-GPU the K samples of a group may live on different processes: the trainer gathers all rewards
 and group ids first, so every baseline sees its whole group, and then takes this process's slice.
 """
@@ -59,6 +66,30 @@ def normalized_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, normal
         raise ValueError(f"Unknown advantage normalization {normalization!r}; choose {', '.join(NORMALIZATIONS)}")
     divisor = std.clamp(min=eps)
     return raw / divisor, divisor
+
+
+def group_standardized(values: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """``z(x)_i = (x_i - mean_{g(i)} x) / std_{g(i)} x``, the population std over the group; 0 where it is <= eps,
+    NaN in a group with a NaN or inf value."""
+    centred = group_advantages(values, group_ids, clip_range=None)
+    std = group_means(centred.pow(2), group_ids).sqrt()
+    return torch.where(std <= eps, torch.zeros_like(centred), centred / std.clamp(min=eps))
+
+
+def decoupled_signal(rewards: torch.Tensor, components: list[tuple[float, torch.Tensor]], group_ids: torch.Tensor,
+                     mix: float, eps: float = 1e-4) -> torch.Tensor:
+    """``s = (1 - mix) z(R) + mix z(sum_k w_k z(c_k))`` (module docstring) for the reward ``rewards`` and its parts
+    ``components`` ``[(w_k, c_k)]``, each ``(N,)``; NaN in a part (a check that does not apply to the image's prompt)
+    counts 0. ``mix`` 1 is GDPO's decoupled normalisation (before its batch normalisation, which the method's own
+    normalisation replaces), 0 the reward alone, standardised per group. A group with a NaN or inf reward gets NaN."""
+    if not 0 <= mix <= 1:
+        raise ValueError(f"mix must be in [0, 1], got {mix}")
+    total = torch.zeros_like(rewards)
+    for weight, part in components:
+        applies = ~torch.isnan(part)
+        z = group_standardized(torch.nan_to_num(part, nan=0.0), group_ids, eps)
+        total = total + weight * torch.where(applies, z, torch.zeros_like(z))
+    return (1 - mix) * group_standardized(rewards, group_ids, eps) + mix * group_standardized(total, group_ids, eps)
 
 
 def local_slice(global_values: torch.Tensor, process_index: int, local_size: int) -> torch.Tensor:

@@ -70,6 +70,11 @@ class TrainConfig:
     method: str = _f("adrpo", f"One of {', '.join(available_methods())}; its parameters go in method_options.")
     method_options: dict = _f({}, "Parameters of the method, e.g. {beta0: 1.0, advantage_min: -1.0, advantage_max: 1.0} "
                                   "for adrpo; each method's are listed at the end of --help.")
+    decoupled_normalization: float = _f(0.0, "GDPO's decoupled normalisation, mixed in: the method ranks or normalises "
+                                             "s = (1 - m) z(R) + m z(sum_k w_k z(c_k)) instead of the reward R, with z "
+                                             "the standardisation within each prompt group and c_k each reward part (each "
+                                             "check of a scorer with checks, e.g. shapes; else the scorer's score). 0: "
+                                             "R itself (default); 1: GDPO. advantages.decoupled_signal.")
     # --- loss
     time_sampling: str = _f("uniform", "t ~ uniform (the paper), logit_normal, or sampler: the times at which the rollout "
                                        "sampler evaluates the transformer (its shifted schedule of num_inference_steps "
@@ -185,6 +190,8 @@ def validate(cfg: TrainConfig) -> None:
         problems.append(f"learning_rate must be > 0, got {cfg.learning_rate}")
     if cfg.resolution % 16:
         problems.append(f"resolution must be a multiple of 16, got {cfg.resolution}")
+    if not 0 <= cfg.decoupled_normalization <= 1:
+        problems.append(f"decoupled_normalization must be in [0, 1], got {cfg.decoupled_normalization}")
     if not 0 <= cfg.heldout_fraction < 1:
         problems.append(f"heldout_fraction must be in [0, 1), got {cfg.heldout_fraction}")
     if isinstance(cfg.prompt_file, list) and not (cfg.prompt_file and all(isinstance(f, str) for f in cfg.prompt_file)):

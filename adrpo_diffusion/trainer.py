@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .advantages import decoupled_signal
 from .callbacks import HeldoutCheck, SampleGrids, TrainerCallback
 from .checkpoint import (
     CheckpointError,
@@ -332,11 +333,16 @@ class Trainer:
             images = self.family.decode(x1, cfg.rollout_batch_size)
         return x1, images
 
-    def _score(self, images: torch.Tensor, indices: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The reward ``reward_scale * sum_k w_k scorer_k(image, prompt)`` of each image, and each part's raw score."""
-        parts = self.scorer.score_parts(images, [self.prompts[i] for i in indices])
+    def _score(self, images: torch.Tensor, indices: list[int], components: bool = False):
+        """The reward ``reward_scale * sum_k w_k scorer_k(image, prompt)`` of each image, each part's raw score and,
+        with ``components``, the reward's components ``[(w, c)]`` for decoupled normalisation
+        (:meth:`.scorers.WeightedReward.score_checks`; else none)."""
+        prompts = [self.prompts[i] for i in indices]
+        parts, comps = (self.scorer.score_checks(images, prompts) if components
+                        else (self.scorer.score_parts(images, prompts), []))
         device = self.accelerator.device
-        return self.scorer.combine(parts).to(device) * self.cfg.reward_scale, {k: v.to(device) for k, v in parts.items()}
+        return (self.scorer.combine(parts).to(device) * self.cfg.reward_scale, {k: v.to(device) for k, v in parts.items()},
+                [(weight, c.to(device)) for weight, c in comps])
 
     @torch.no_grad()
     def heldout_rewards(self, adapters: bool = True, seeds=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -347,7 +353,7 @@ class Trainer:
             return torch.zeros(0), torch.zeros(0), {}
         generators = image_generators((s, i, 0) for i, s in pairs)  # the one held-out seed scheme (seeds.py)
         _, images = self._policy_rollouts([i for i, _ in pairs], generators, adapters)
-        rewards, parts = self._score(images, [i for i, _ in pairs])
+        rewards, parts, _ = self._score(images, [i for i, _ in pairs])
         return rewards.cpu(), images, {k: v.cpu() for k, v in parts.items()}
 
     def heldout_pairs(self, seeds) -> list[tuple[int, int]]:
@@ -383,9 +389,10 @@ class Trainer:
         t1 = time.perf_counter()
 
         # 2. rewards; 3. the method's plan from the whole (gathered) batch, so every group is complete; groups with
-        # a NaN or inf reward are left out.
+        # a NaN or inf reward are left out. With decoupled_normalization the plan ranks the signal of
+        # advantages.decoupled_signal instead of the reward (each part standardised within its group first).
         try:
-            rewards, parts = self._score(images, local_prompt)
+            rewards, parts, components = self._score(images, local_prompt, components=cfg.decoupled_normalization > 0)
             failure = None
         except Exception as err:  # noqa: BLE001  (any error of a user's reward stops the run cleanly)
             failure = err
@@ -394,7 +401,11 @@ class Trainer:
             raise RewardFailed(f"the reward failed at step {self.step + 1}: {cause}") from failure
         all_rewards = acc.gather(rewards.float())
         part_means = {f"reward_{name}": acc.gather(part.float()).nanmean().item() for name, part in parts.items()}
-        plan, dropped = plan_on_finite_groups(self.method, all_rewards, global_group, rank, n_local)
+        signal = all_rewards
+        if cfg.decoupled_normalization:
+            signal = decoupled_signal(all_rewards, [(w, acc.gather(c.float())) for w, c in components], global_group,
+                                      cfg.decoupled_normalization)
+        plan, dropped = plan_on_finite_groups(self.method, signal, global_group, rank, n_local)
         valid_rewards = all_rewards[torch.isfinite(all_rewards)]
         t2 = time.perf_counter()
 

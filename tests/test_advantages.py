@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from adrpo_diffusion.advantages import group_advantages, group_means, normalized_advantages
+from adrpo_diffusion.advantages import decoupled_signal, group_advantages, group_means, normalized_advantages
 from adrpo_diffusion.methods import build_method
 
 
@@ -31,6 +31,44 @@ def test_normalized_advantages_against_numpy_and_scale_invariance():
         assert torch.allclose(normalized_advantages(5 * r + 2, g, mode)[0], normalized_advantages(r, g, mode)[0])
     with pytest.raises(ValueError, match="none, group_std, batch_std"):
         normalized_advantages(r, g, "rank")
+
+
+def _z(values, groups, eps=1e-4):
+    """Group standardisation, one group at a time (population std; 0 where it is <= eps)."""
+    out = np.zeros(len(values))
+    for g in np.unique(groups):
+        member = groups == g
+        std = values[member].std()
+        out[member] = (values[member] - values[member].mean()) / std if std > eps else 0.0
+    return out
+
+
+def test_decoupled_signal_against_numpy():
+    """s = (1 - m) z(R) + m z(sum_k w_k z(c_k)), z per group; a part's NaN (a check that does not apply) counts 0, a
+    part that does not vary in a group adds nothing there, a NaN reward makes its group NaN; the parts' scales do not
+    matter, only their weights."""
+    rng = np.random.default_rng(3)
+    groups = np.repeat([0, 1, 2], 4)
+    colour, shape = rng.uniform(size=12), rng.uniform(size=12)
+    colour[4:8] = 0.9  # group 1: colour does not vary
+    position = np.where(groups == 2, rng.uniform(size=12), np.nan)  # applies to group 2's prompt only
+    rewards = np.nanmean(np.stack([colour, shape, position]), axis=0)
+    parts = [(1.0, colour), (2.0, shape), (1.0, position)]
+    decoupled = _z(sum(w * _z(np.nan_to_num(c), groups) for w, c in parts), groups)
+    g, r = torch.tensor(groups), torch.tensor(rewards)
+    tensors = [(w, torch.tensor(c)) for w, c in parts]
+    for mix in (0.0, 0.5, 1.0):
+        expected = (1 - mix) * _z(rewards, groups) + mix * decoupled
+        assert np.allclose(decoupled_signal(r, tensors, g, mix).numpy(), expected, atol=1e-12)
+    assert not np.allclose(decoupled, _z(rewards, groups))  # the test can tell the two apart
+    rescaled = [(w, 10 * c + 3) for w, c in tensors]  # a part's scale and offset are normalised away
+    assert torch.allclose(decoupled_signal(r, rescaled, g, 1.0), decoupled_signal(r, tensors, g, 1.0))
+    r_nan = r.clone()
+    r_nan[5] = float("nan")
+    signal = decoupled_signal(r_nan, tensors, g, 0.5)
+    assert signal[4:8].isnan().all() and torch.allclose(signal[8:], decoupled_signal(r, tensors, g, 0.5)[8:])
+    with pytest.raises(ValueError, match=r"mix must be in \[0, 1\]"):
+        decoupled_signal(r, tensors, g, 1.5)
 
 
 def test_group_advantages_against_numpy():

@@ -101,6 +101,7 @@ def test_prompt_file_list_and_heldout_fraction(capsys):
                             "--heldout_fraction", "0.25"])
     assert cfg.prompt_file == ["prompts/colors.txt"] * 2 and cfg.heldout_fraction == 0.25
     for flag, value, message in [("--heldout_fraction", "1", "heldout_fraction must be in [0, 1), got 1.0"),
+                                 ("--decoupled_normalization", "1.5", "decoupled_normalization must be in [0, 1], got 1.5"),
                                  ("--prompt_file", "[]", "prompt_file must be a file or a non-empty list of files"),
                                  ("--prompt_file", "7", "prompt_file must be str or list, got 7 (int)")]:
         code, err = run_cli(["--config", "configs/tiny_cpu.yaml", flag, value], capsys)

@@ -38,6 +38,25 @@ def test_weighted_sum_of_the_raw_parts(batch):
     assert reward.to("cpu") is reward
 
 
+def test_score_checks_gives_the_parts_once_and_each_check_as_a_component(batch):
+    """score_checks: the same parts as score_parts, with the shapes score taken from its checks (computed once); the
+    components are each shapes check with the part's weight and the color score itself (no checks)."""
+    images, prompts = batch
+    reward = build_reward({"color": 1.0, "shapes": -0.5}, {})
+    parts, components = reward.score_checks(images, prompts)
+    expected = reward.score_parts(images, prompts)
+    assert list(parts) == list(expected)
+    for name in parts:
+        torch.testing.assert_close(parts[name], expected[name], rtol=0, atol=0)
+    checks = build_scorer("shapes").checks(images, prompts)
+    assert [w for w, _ in components] == [1.0] + [-0.5] * len(checks)
+    torch.testing.assert_close(components[0][1], expected["color"], rtol=0, atol=0)
+    for (_, component), check in zip(components[1:], checks.values()):
+        torch.testing.assert_close(component, check, rtol=0, atol=0, equal_nan=True)
+    positioned = torch.tensor([" at the " in prompt for prompt in prompts])  # the position check applies to these
+    assert positioned.any() and not positioned.all() and torch.equal(~components[-1][1].isnan(), positioned)
+
+
 def test_pil_images_score_like_the_tensor(batch):
     from PIL import Image
 

@@ -538,6 +538,38 @@ def test_several_rewards_are_summed_with_their_weights_and_each_part_is_logged(t
     assert all(0 <= d[key] <= 1 for d in details.values() for key in ("before", "after"))
 
 
+def test_decoupled_normalization_plans_on_the_signal_of_the_checks(tmp_path, shapes_test_base, monkeypatch):
+    """decoupled_normalization: the method's plan gets advantages.decoupled_signal of the step's reward and of the
+    shapes checks of the same images, each computed once; the logged reward stays the reward."""
+    from adrpo_diffusion import trainer as trainer_module
+    from adrpo_diffusion.advantages import decoupled_signal, group_standardized
+    from adrpo_diffusion.scorers import WeightedReward
+
+    seen = {}
+    real_plan, real_checks = trainer_module.plan_on_finite_groups, WeightedReward.score_checks
+
+    def plan_spy(method, signal, group_ids, rank, n_local):
+        seen["signal"], seen["groups"] = signal.clone(), group_ids.clone()
+        return real_plan(method, signal, group_ids, rank, n_local)
+
+    def checks_spy(self, images, prompts):
+        seen.setdefault("calls", []).append(real_checks(self, images, prompts))
+        return seen["calls"][-1]
+
+    monkeypatch.setattr(trainer_module, "plan_on_finite_groups", plan_spy)
+    monkeypatch.setattr(WeightedReward, "score_checks", checks_spy)
+    cfg = small_config(tmp_path / "run", max_steps=1, pretrained_model=shapes_test_base, prompt_file="prompts/shapes.txt",
+                       reward="shapes", eval_prompts=0, checkpointing_steps=0, decoupled_normalization=0.5)
+    Trainer(cfg).train()
+    [(parts, components)] = seen["calls"]  # the training step's images, scored once
+    assert [w for w, _ in components] == [1.0] * 4  # colour, shape, count, position
+    reward = cfg.reward_scale * parts["shapes"]
+    metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert metrics["reward_mean"] == pytest.approx(reward.mean().item(), rel=1e-6)
+    torch.testing.assert_close(seen["signal"], decoupled_signal(reward, components, seen["groups"], 0.5))
+    assert not torch.allclose(seen["signal"], group_standardized(reward, seen["groups"]))  # not the reward's own z
+
+
 class _RunsCode:
     """Unpickled without weights_only, it creates ``marker``: what a crafted checkpoint could do instead."""
 

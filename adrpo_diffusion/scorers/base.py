@@ -62,6 +62,12 @@ class Scorer:
     def _score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         raise NotImplementedError
 
+    def checks(self, images, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The checks whose mean over those that apply is the score, ``{name: (N,) tensor}``, NaN where one does not
+        apply (``shapes``: colour, shape, count, position); none by default (the score is one number). The trainer's
+        ``decoupled_normalization`` standardises each check apart."""
+        return {}
+
     def details(self, images, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Per-image diagnostics beyond the score, ``{name: (N,) tensor}`` (NaN where one does not apply), reported
         in the held-out summary; none by default."""

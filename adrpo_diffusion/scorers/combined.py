@@ -127,6 +127,27 @@ class WeightedReward:
         prompts = list(prompts)
         return {name: scorer.score(images, prompts).float().cpu() for name, scorer in self.scorers.items()}
 
+    @torch.no_grad()
+    def score_checks(self, images, prompts) -> tuple[dict[str, torch.Tensor], list[tuple[float, torch.Tensor]]]:
+        """:meth:`score_parts` and the reward's components ``[(w_k, c)]`` for
+        :func:`.advantages.decoupled_signal`: each check of a part whose scorer has checks
+        (:meth:`.base.Scorer.checks`; the part's score is then their mean over those that apply, so each is computed
+        once), with the part's weight, or the part's score where its scorer has none."""
+        if not isinstance(images, torch.Tensor):
+            images = to_image_tensor(list(images))
+        prompts = list(prompts)
+        parts, components = {}, []
+        for name, scorer in self.scorers.items():
+            checks = scorer.checks(images, prompts) if hasattr(scorer, "checks") else {}
+            if checks:
+                stacked = torch.stack([check.float().cpu() for check in checks.values()])
+                parts[name] = stacked.nanmean(dim=0)
+                components += [(self.weights[name], check) for check in stacked]
+            else:
+                parts[name] = scorer.score(images, prompts).float().cpu()
+                components.append((self.weights[name], parts[name]))
+        return parts, components
+
     def details(self, images, prompts) -> dict[str, torch.Tensor]:
         """Every part's :meth:`.base.Scorer.details`, ``{name: (N,) tensor}`` on the CPU."""
         prompts = list(prompts)
