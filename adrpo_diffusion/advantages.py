@@ -70,10 +70,10 @@ def normalized_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, normal
 
 def group_standardized(values: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """``z(x)_i = (x_i - mean_{g(i)} x) / std_{g(i)} x``, the population std over the group; 0 where it is <= eps,
-    NaN in a group with a NaN or inf value."""
-    centred = group_advantages(values, group_ids, clip_range=None)
-    std = group_means(centred.pow(2), group_ids).sqrt()
-    return torch.where(std <= eps, torch.zeros_like(centred), centred / std.clamp(min=eps))
+    NaN in a group with a NaN or inf value: :func:`normalized_advantages` with ``group_std``, zeroed where the divisor
+    is the floor ``eps``."""
+    standardized, divisor = normalized_advantages(values, group_ids, "group_std", eps)
+    return torch.where(divisor <= eps, torch.zeros_like(standardized), standardized)
 
 
 def decoupled_signal(rewards: torch.Tensor, components: list[tuple[float, torch.Tensor]], group_ids: torch.Tensor,
