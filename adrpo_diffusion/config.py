@@ -43,6 +43,11 @@ class TrainConfig:
                                          "the training step): fewer matmuls per sampler step; with bf16 weights the "
                                          "merged weights are rounded stochastically, so rollouts differ from unmerged "
                                          "ones by noise of the size of bf16 rounding (families.MergedLoRA).")
+    anchor_merge_lora: bool = _f(False, "Fold a moving copy's LoRA (DiffusionNFT's old policy, AWM's and ADRPO's EMA "
+                                        "anchor) into the base weights for its velocity in the loss, as "
+                                        "rollout_merge_lora does for the rollouts (restored bitwise before the policy's "
+                                        "pass; rounding as there): that forward costs what the base's does. No effect "
+                                        "on the frozen base's velocity or where the method has no copies.")
     # --- prompts and rollouts
     prompt_file: str | list = _f("prompts/drawbench.csv", "Prompts: .txt (one per line), .csv/.tsv (a 'prompt' column) or "
                                                       ".jsonl; or a list of such files, e.g. '[a.csv, b.txt]'.")
@@ -134,7 +139,7 @@ RESUME_MAY_CHANGE = (
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "max_steps", "checkpointing_steps",
     "checkpoint_every_minutes", "checkpoints_total_limit", "sample_every", "eval_prompts", "eval_seeds", "report_to",
     "max_consecutive_nonfinite", "allow_tf32", "compile_transformer", "compile_backend", "compile_mode",
-    "rollout_merge_lora", "gradient_checkpointing", "rollout_batch_size", "train_batch_size",
+    "rollout_merge_lora", "anchor_merge_lora", "gradient_checkpointing", "rollout_batch_size", "train_batch_size",
 )
 
 

@@ -231,7 +231,7 @@ class Trainer:
             mode = None if cfg.compile_mode == "default" else cfg.compile_mode  # other backends than inductor take no mode
             family.compile_repeated_blocks(backend=cfg.compile_backend, mode=mode, dynamic=True)
         self.params = [p for p in self.transformer.parameters() if p.requires_grad]
-        self.merged_lora = MergedLoRA(self.transformer) if cfg.rollout_merge_lora else None
+        self.merged_lora = MergedLoRA(self.transformer) if cfg.rollout_merge_lora or cfg.anchor_merge_lora else None
 
     def _build_optimizer(self, optimizer_cls: type) -> None:
         """The optimizer and learning-rate schedule, the prompt sampler, and the checkpoint hooks that save them."""
@@ -323,15 +323,20 @@ class Trainer:
         else:
             if copy != "default":
                 model.enter_context(self.copies.active(copy))
-            if self.merged_lora is not None:  # its rounding noise is seeded by (seed, step): resumes exactly
-                generator = torch.Generator(self.accelerator.device).manual_seed(cfg.seed * 1_000_003 + self.step)
-                model.enter_context(self.merged_lora(generator))  # merges the active adapter
+            if cfg.rollout_merge_lora:
+                model.enter_context(self.merged_lora(self._rounding_generator()))  # merges the active adapter
         self.model.eval()  # rollouts in inference mode (the train step sets train mode); one compiled graph each
         with model, self.accelerator.autocast():
             x1 = self.family.sample(self.cache, indices, num_inference_steps=cfg.num_inference_steps,
                                     resolution=cfg.resolution, batch_size=cfg.rollout_batch_size, generators=generators)
             images = self.family.decode(x1, cfg.rollout_batch_size)
         return x1, images
+
+    def _rounding_generator(self, stream: int = 0) -> torch.Generator:
+        """The merged LoRA's rounding noise (bf16; :class:`.families.MergedLoRA`) of this step's rollouts (stream 0) or
+        of its update ``stream - 1``'s merged copies: seeded by (seed, step, stream), so a resumed run draws it again."""
+        seed = self.cfg.seed * 1_000_003 + self.step + (stream << 32)
+        return torch.Generator(self.accelerator.device).manual_seed(seed)
 
     def _score(self, images: torch.Tensor, indices: list[int], components: bool = False):
         """The reward ``reward_scale * sum_k w_k scorer_k(image, prompt)`` of each image, each part's raw score and,
@@ -416,7 +421,7 @@ class Trainer:
         groups = (rank * n_local + torch.arange(n_local)) // K  # prompt group of each local rollout
         sums, grad_norms, skipped = {}, [], 0
         for update in range(cfg.updates_per_rollout):
-            parts, grad_norm = (self._regress(plan, x1, local_prompt, groups) if plan.global_units
+            parts, grad_norm = (self._regress(plan, x1, local_prompt, groups, update) if plan.global_units
                                 else ({}, torch.zeros(())))
             # A non-finite loss or gradient anywhere, or no group with finite rewards, skips the update everywhere.
             ok = dropped < total and math.isfinite(parts.get("loss", 0.0)) and bool(grad_norm.isfinite())
@@ -463,12 +468,13 @@ class Trainer:
             "seconds_train": t3 - t2,
         }
 
-    def _regress(self, plan, x1, local_prompt, groups) -> tuple[dict, torch.Tensor]:
+    def _regress(self, plan, x1, local_prompt, groups, update: int = 0) -> tuple[dict, torch.Tensor]:
         """Step 4: fresh noise and t per unit of the plan (a sample, or a DPO pair sharing them; with ``shared_noise``,
         per prompt group), ``timesteps_per_sample`` draws each; micro-batches of whole units, each loss (a mean over
         its units) backpropagated times its share ``units * processes / all units of all processes`` (DDP averages
-        over processes), gradients all-reduced on the last one. Returns the share-weighted sums of the loss parts
-        and the (clipped) gradient norm."""
+        over processes), gradients all-reduced on the last one; ``update``: which of the step's updates this is (it
+        seeds the merged copies' rounding). Returns the share-weighted sums of the loss parts and the (clipped)
+        gradient norm."""
         cfg, acc = self.cfg, self.accelerator
         units = plan.rows.view(-1, plan.unit)
         placeholder = not len(units)
@@ -491,8 +497,9 @@ class Trainer:
                          sampler_t=self.sampler_t).flatten().to(acc.device)  # stratified over each owner's draws
         noise, t = noise[owner].repeat_interleave(plan.unit, dim=0), t[owner].repeat_interleave(plan.unit)
         unwrapped = acc.unwrap_model(self.model)
+        generator = self._rounding_generator(1 + update) if cfg.anchor_merge_lora else None
         anchors = {name: self.family.reference(unwrapped) if name == "reference" else
-                   self.family.reference(unwrapped, context=lambda _, name=name: self.copies.active(name))
+                   self.family.reference(unwrapped, context=lambda _, name=name: self._as_copy(name, generator))
                    for name in plan.anchors}
         self.model.train()
         sums = {}
@@ -512,6 +519,13 @@ class Trainer:
                 sums[key] = sums.get(key, 0.0) + value * share
         sums = {k: float(v) for k, v in sums.items()}  # one device sync per step, not per micro-batch
         return sums, acc.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+
+    @contextlib.contextmanager
+    def _as_copy(self, name: str, generator: torch.Generator | None):
+        """The transformer runs as the method's copy ``name``; with ``anchor_merge_lora`` its LoRA folded into the base
+        weights (:class:`.families.MergedLoRA`), restored on exit, before the policy's pass."""
+        with self.copies.active(name), self.merged_lora(generator) if self.cfg.anchor_merge_lora else contextlib.nullcontext():
+            yield
 
     # ------------------------------------------------------------------ the run
     def _loop(self, progress, stop: StopRequest) -> None:

@@ -305,7 +305,7 @@ def test_the_shapes_config_uses_the_labs_protocol():
     config = load_config("configs/tiny_shapes_cpu.yaml", {})
     lab = LabSettings().training()
     # not shared: the recipe's loss times per image (6 against the lab's 4) and its steps, rate schedule and merged
-    # rollouts, chosen for five minutes of training (docs/method_lab.md, "The recipe")
+    # rollouts and anchor, chosen for five minutes of training (docs/method_lab.md, "The recipe")
     shared = ("pretrained_model", "prompt_file", "reward", "reward_scale", "prompts_per_step", "images_per_prompt",
               "num_inference_steps", "guidance_scale", "resolution", "max_sequence_length", "time_sampling",
               "lora_rank", "lora_alpha", "max_grad_norm")

@@ -94,17 +94,40 @@ def _run(output_dir, **overrides):
     return trainer, load_file(str(output_dir / "pytorch_lora_weights.safetensors"))
 
 
-def test_rollout_merge_lora_is_one_key_and_resumes_exactly(tmp_path, tiny_sd3_dir, lora_difference):
+def test_anchor_merge_lora_gives_the_copys_velocity_and_restores_the_base(tmp_path, tiny_sd3_dir):
+    """With anchor_merge_lora the moving anchor's velocity is the copy's own (its LoRA folded in, not the policy's),
+    and the policy's pass afterwards sees the base weights bitwise as before."""
+    cfg = load_config("configs/tiny_cpu.yaml", {**SMALL, "output_dir": str(tmp_path / "run"), "anchor_merge_lora": True})
+    trainer = Trainer(cfg)  # adrpo with the EMA anchor: one copy, "ema"
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, target in trainer.copies.pairs["ema"]:  # a copy far from the policy (whose LoRA B is still zero)
+            target.copy_(torch.randn(target.shape, generator=generator) * 0.05)
+    family, transformer = trainer.family, trainer.transformer
+    latents = torch.randn(3, transformer.config.in_channels, 8, 8, generator=generator)
+    timestep, cond = family.timestep(torch.tensor([0.2, 0.5, 0.9])), trainer.cache.select([0, 1, 2], "cpu", torch.float32)
+    weights = {n: p.detach().clone() for n, p in transformer.named_parameters()}
+    policy = family.reference(transformer, context=lambda _: torch.no_grad())(latents, timestep, cond)
+    unmerged = family.reference(transformer, context=lambda _: trainer.copies.active("ema"))(latents, timestep, cond)
+    merged = family.reference(transformer, context=lambda _: trainer._as_copy("ema", None))(latents, timestep, cond)
+    assert (unmerged - policy).abs().mean() > 1e-3  # the copy differs from the policy, so the check below can fail
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(p, weights[n]) for n, p in transformer.named_parameters())
+    assert torch.equal(family.reference(transformer, context=lambda _: torch.no_grad())(latents, timestep, cond), policy)
+
+
+@pytest.mark.parametrize("key", ["rollout_merge_lora", "anchor_merge_lora"])
+def test_merging_is_one_key_and_resumes_exactly(tmp_path, tiny_sd3_dir, lora_difference, key):
     plain, lora_plain = _run(tmp_path / "plain", max_steps=3)
-    folded, lora_folded = _run(tmp_path / "merged", max_steps=3, rollout_merge_lora=True)
+    folded, lora_folded = _run(tmp_path / "merged", max_steps=3, **{key: True})
     assert folded.merged_lora is not None and plain.merged_lora is None
-    # fp32 on the CPU: merged rollouts differ from unmerged ones by float rounding only, so the runs agree closely
-    assert lora_difference(lora_folded, lora_plain) < 1e-3
+    # fp32 on the CPU: merged forwards differ from unmerged ones by float rounding only, so the runs agree closely
+    assert 0 < lora_difference(lora_folded, lora_plain) < 1e-3
     base = {n: p for n, p in plain.transformer.named_parameters() if "lora" not in n}
     assert all(torch.equal(p, base[n]) for n, p in folded.transformer.named_parameters() if "lora" not in n)
-    _run(tmp_path / "split", max_steps=2, rollout_merge_lora=True)
-    _, lora_resumed = _run(tmp_path / "split", max_steps=3, rollout_merge_lora=True, resume_from_checkpoint="latest")
-    assert all(torch.equal(lora_resumed[key], lora_folded[key]) for key in lora_folded)
+    _run(tmp_path / "split", max_steps=2, **{key: True})
+    _, lora_resumed = _run(tmp_path / "split", max_steps=3, resume_from_checkpoint="latest", **{key: True})
+    assert all(torch.equal(lora_resumed[k], lora_folded[k]) for k in lora_folded)
 
 
 @pytest.mark.slow
@@ -139,8 +162,9 @@ def test_compiled_transformer_does_not_recompile_in_steady_state(tmp_path, tiny_
 
 
 @pytest.mark.parametrize("value", ["maybe", 2])
-def test_rollout_merge_lora_rejects_non_booleans(value):
+@pytest.mark.parametrize("key", ["rollout_merge_lora", "anchor_merge_lora"])
+def test_merge_keys_reject_non_booleans(key, value):
     from adrpo_diffusion.config import ConfigError
 
-    with pytest.raises(ConfigError, match="rollout_merge_lora"):
-        load_config("configs/tiny_cpu.yaml", {"rollout_merge_lora": value})
+    with pytest.raises(ConfigError, match=key):
+        load_config("configs/tiny_cpu.yaml", {key: value})
