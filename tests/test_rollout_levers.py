@@ -31,6 +31,7 @@ def test_stochastic_rounding_to_bf16_is_unbiased():
 
 def _with_random_lora(transformer_dir, dtype, b_scale):
     family = load_family(transformer_dir, dtype=dtype)
+    torch.manual_seed(0)  # the LoRA's A matrices: not whatever the tests before left in the global generator
     family.add_lora(4, 4)
     generator = torch.Generator().manual_seed(0)
     for name, p in family.transformer.named_parameters():
@@ -82,7 +83,7 @@ def test_merged_lora_keeps_deltas_below_bf16_resolution(tiny_sd3_dir):
     assert projection((w0 + delta).to(torch.bfloat16)) < 0.2  # to nearest: most of the delta rounds away
     generator = torch.Generator().manual_seed(0)
     draws = []
-    for _ in range(16):
+    for _ in range(64):  # the mean's spread over LoRA draws about 0.025: the bounds below are 4 of those away
         with merged(generator):
             draws.append(projection(layer.get_base_layer().weight))
     assert 0.9 < sum(draws) / len(draws) < 1.1, draws
