@@ -223,11 +223,17 @@ def test_quick_lab_writes_the_table_the_plots_and_the_grids(quick_lab):
         assert set(run["lr_sweep"]) == {"0.003", "0.03"}
         assert run["lr_sweep"][f"{run['learning_rate']:g}"] == max(run["lr_sweep"].values())
         assert records[chosen_index(records)]["validation_reward"] == run["lr_sweep"][f"{run['learning_rate']:g}"]
+        assert set(run["lr_sweep_records"]) == {"0.003", "0.03"}  # every rate's records, the chosen rate's as above
+        assert run["lr_sweep_records"][f"{run['learning_rate']:g}"] == records
     assert results["runs"]["nft kl_beta=0.1"]["overrides"] == {"method": "nft", "method_options": {"kl_beta": 0.1}}
     table = (quick_lab / "lab_table.md").read_text()
     assert all(f"| {name} |" in table for name in QUICK_RUNS) and "Reward at matched diversity" in table
     for method in ("adrpo", "raft", "nft"):
         assert f"| {method} | {method} " in table  # each method's row in the matched-diversity table
+    sweep = table.split("Learning-rate sweep")[1]
+    for name in QUICK_RUNS:  # one row per rate, the run's own rate marked
+        chosen = f"| {name} | {results['runs'][name]['learning_rate']:g} (chosen) |"
+        assert sweep.count(f"| {name} | ") == 2 and sweep.count(chosen) == 1
     for plot in ("frontier.png", "learning_curves.png"):
         assert (quick_lab / plot).stat().st_size > 10_000
     for grid in ("samples_base.png", "samples_data.png", "samples_comparison.png"):
@@ -340,6 +346,26 @@ def test_runs_selects_runs_by_name_and_rejects_unknown_ones(capsys):
     assert "val_seed must differ from eval_seed (10000)" in capsys.readouterr().err
 
 
+def test_learning_rate_sweeps_read_numbers_and_scale_each_methods_rate(capsys):
+    from adrpo_diffusion.lab.experiment import LEARNING_RATES, LabSettings, main, run_rates
+
+    assert LEARNING_RATES["adrpo"] == 1e-2 and LEARNING_RATES["nft"] == 3e-3
+    factors = LabSettings(learning_rate_factors=[0.3, 1, 3])
+    assert run_rates(factors, "adrpo") == [0.003, 0.01, 0.03]  # exact decimals, not 0.0030000000000000005
+    assert run_rates(factors, "nft") == [0.0009, 0.003, 0.009]
+    assert run_rates(LabSettings(learning_rates=[1e-3]), "nft") == [1e-3]
+    assert run_rates(LabSettings(), "raft") == [LEARNING_RATES["raft"]]
+    for argv, message in [
+        (["--learning_rate_factors", "0", "1"], "learning_rate_factors must be a list of positive numbers, got [0, 1]"),
+        (["--learning_rates", "fast"], "learning_rates must be a list of positive numbers, got ['fast']"),
+        (["--learning_rates", "3e-3", "--learning_rate_factors", "2"],  # YAML reads 3e-3 as text: still a rate
+         "give learning_rates or learning_rate_factors, not both"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err
+
+
 def test_lab_settings_come_from_the_config_engine(tmp_path, capsys, monkeypatch):
     """adrpo-lab reads a YAML file with --key value on top, like every command, and names every problem at once."""
     from adrpo_diffusion.lab import experiment
@@ -351,9 +377,11 @@ def test_lab_settings_come_from_the_config_engine(tmp_path, capsys, monkeypatch)
     (tmp_path / "out" / "lab_table.md").write_text("table")
     config = tmp_path / "lab.yaml"
     config.write_text(f"output_dir: {tmp_path / 'out'}\nsteps: 40\nseeds: [0, 1]\nmatched_diversity: 1\n")
-    assert experiment.main(["--config", str(config), "--steps", "80", "--methods", "raft", "dpo"]) == 0
+    assert experiment.main(["--config", str(config), "--steps", "80", "--methods", "raft", "dpo",
+                            "--learning_rates", "3e-3", "1e-2"]) == 0
     got = seen["settings"]
     assert (got.steps, got.seeds, got.methods, got.matched_diversity) == (80, [0, 1], ["raft", "dpo"], 1.0)
+    assert got.learning_rates == [0.003, 0.01]  # YAML's text '3e-3' read as the number
     assert isinstance(got.matched_diversity, float) and got.eval_every == 20  # the rest: the defaults
     assert experiment.main(["--quick", "--config", str(config)]) == 0  # --quick under the file and the command line
     assert (seen["settings"].steps, seen["settings"].sampler_steps) == (40, experiment.QUICK["sampler_steps"])

@@ -8,7 +8,8 @@ per image on the sampler's own schedule. Advantage-based methods normalise their
 
 The frontier. Each method runs at three strengths of its own regulariser (:data:`FRONTIER`: ADRPO's and
 fixed-beta's beta, ORW-CFM-W2's W2 weight, RAFT's top-k, DPO's beta, DiffusionNFT's and AWM's KL weight), at its
-learning rate (:data:`LEARNING_RATES`, or the best of ``learning_rates`` on validation seeds when given).
+learning rate (:data:`LEARNING_RATES`, or the best on validation seeds of ``learning_rates``, or of its own rate times
+each of ``learning_rate_factors``, when given).
 
 Tracking. A run is one ``Trainer`` with a callback (:class:`_Tracker`): every ``eval_every`` steps, right after
 that step's checkpoint, and once for the base, :class:`HeldoutProbe` measures the current policy on held-out seeds
@@ -109,6 +110,8 @@ class LabSettings:
     timesteps_per_sample: int = _f(4, "Stratified loss times per image.")
     learning_rates: list = _f([], "Sweep these rates on the first seed and keep the best on validation seeds; empty: "
                                   "each method's own rate (LEARNING_RATES).")
+    learning_rate_factors: list = _f([], "Sweep each method's own rate (LEARNING_RATES) times these factors, as "
+                                         "learning_rates does; not with learning_rates.")
     sampler_steps: int = _f(12, "Euler steps of rollouts and held-out samples.")
     methods: list = _f(list(FRONTIER), "Only these methods of the frontier.")
     strengths: int = _f(3, "The first 1, 2 or 3 strengths of each method's regulariser.")
@@ -139,6 +142,23 @@ QUICK = dict(prompt_file="prompts/shapes_smoke.txt", steps=2, eval_every=1, samp
              strengths=2, eval_images=2, val_images=2)
 
 
+def _positive_numbers(key: str):
+    """A reader of ``key``'s list: each item a positive float. YAML reads ``3e-3`` (no dot) as text, so text that
+    reads as a number counts."""
+    def read(value) -> list[float]:
+        try:
+            numbers = [float(v) for v in value if not isinstance(v, bool)]
+        except (TypeError, ValueError):
+            numbers = []
+        if not isinstance(value, list) or len(numbers) != len(value) or not all(v > 0 for v in numbers):
+            raise ValueError(f"{key} must be a list of positive numbers, got {value!r}")
+        return numbers
+    return read
+
+
+RATE_KEYS = {key: _positive_numbers(key) for key in ("learning_rates", "learning_rate_factors")}
+
+
 def settings_problems(settings: LabSettings) -> list[str]:
     """What is wrong with ``settings``, checked before any model loads."""
     problems = []
@@ -151,8 +171,13 @@ def settings_problems(settings: LabSettings) -> list[str]:
     if settings.val_seed == settings.eval_seed:
         problems.append(f"val_seed must differ from eval_seed ({settings.eval_seed}): validation would choose on the "
                         "held-out images")
-    if any(lr <= 0 for lr in settings.learning_rates):
-        problems.append(f"learning_rates must be positive, got {settings.learning_rates}")
+    for key in RATE_KEYS:
+        try:
+            RATE_KEYS[key](getattr(settings, key))
+        except ValueError as err:
+            problems.append(str(err))
+    if settings.learning_rates and settings.learning_rate_factors:
+        problems.append("give learning_rates or learning_rate_factors, not both")
     for check in (lambda: lab_runs(settings), lambda: check_model_source(settings.pretrained_model)):
         try:
             check()
@@ -324,10 +349,11 @@ def _write_json(path: Path, value) -> None:
 def run_lab(settings: LabSettings, resume: bool = False) -> dict:
     """Train and track every run, then write ``results.json``, ``lab_table.md``, the plots and the grids.
 
-    Per run: at its method's rate (:data:`LEARNING_RATES`), or, when ``settings.learning_rates`` is given, the first
-    seed trains once per rate and the rate whose chosen checkpoint scores the highest *validation* reward is the
-    run's rate for the other seeds. Every reported number is measured on the *held-out* noise seeds. Each (run,
-    rate, seed) keeps its records in ``runs/<run>/lr-<rate>/seed-<seed>/records.json``, written after every
+    Per run: at its method's rate (:data:`LEARNING_RATES`), or, when ``settings.learning_rates`` or
+    ``settings.learning_rate_factors`` (times the method's rate) is given, the first seed trains once per rate and the
+    rate whose chosen checkpoint scores the highest *validation* reward is the run's rate for the other seeds (each
+    rate's records in ``lr_sweep_records``). Every reported number is measured on the *held-out* noise seeds. Each
+    (run, rate, seed) keeps its records in ``runs/<run>/lr-<rate>/seed-<seed>/records.json``, written after every
     evaluation next to the checkpoint of that step: with ``resume``, a killed lab resumes that checkpoint (the same
     settings are required) and finished steps are never trained again."""
     from ..prompts import load_prompts
@@ -355,12 +381,13 @@ def run_lab(settings: LabSettings, resume: bool = False) -> dict:
 
     for run in lab_runs(settings):
         first, others = settings.seeds[0], settings.seeds[1:]
-        rates = settings.learning_rates or [LEARNING_RATES[run.method]]
+        rates = run_rates(settings, run.method)
         sweep = {lr: train(run, lr, first) for lr in rates}
         best = max(sweep, key=lambda lr: sweep[lr][chosen_index(sweep[lr])]["validation_reward"])
         results["runs"][run.name] = {
             "method": run.method, "strength": run.strength, "overrides": run.overrides, "learning_rate": best,
             "lr_sweep": {f"{lr:g}": records[chosen_index(records)]["validation_reward"] for lr, records in sweep.items()},
+            "lr_sweep_records": {f"{lr:g}": records for lr, records in sweep.items()} if len(sweep) > 1 else {},
             "seeds": {str(first): sweep[best], **{str(seed): train(run, best, seed) for seed in others}},
         }
         chosen = sweep[best][chosen_index(sweep[best])]["step"]
@@ -376,6 +403,13 @@ def run_lab(settings: LabSettings, resume: bool = False) -> dict:
     plot_results(results, out)
     save_comparison(results, prompts, out)
     return results
+
+
+def run_rates(settings: LabSettings, method: str) -> list[float]:
+    """The learning rates a run of ``method`` trains at: ``learning_rates``, or the method's own rate times each of
+    ``learning_rate_factors`` (to 3 significant digits: 1e-2 x 0.3 is 3e-3, not 0.0030000000000000005), or its own."""
+    own = LEARNING_RATES[method]
+    return settings.learning_rates or [float(f"{own * f:.3g}") for f in settings.learning_rate_factors] or [own]
 
 
 def chosen_index(records: list[dict]) -> int:
@@ -575,6 +609,19 @@ def render_table(results: dict) -> str:
             by_method[run["method"]] = (name, mean, se)
     for method, (name, mean, se) in sorted(by_method.items(), key=lambda item: -item[1][1]):
         lines.append(f"| {method} | {name} | {mean:.4f} | {mean - base['reward']:+.4f} | {se:.4f} |")
+    swept = {name: run for name, run in results["runs"].items() if run.get("lr_sweep_records")}
+    if swept:
+        lines += ["", f"Learning-rate sweep (seed {settings['seeds'][0]}): each rate's chosen checkpoint; the run's "
+                  "rate (above) is the one with the best validation reward.", "",
+                  "| run | lr | step | validation reward | Δ reward | pass | feature div. | W2 div. |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, run in swept.items():
+            for lr, records in run["lr_sweep_records"].items():
+                r = records[chosen_index(records)]
+                mark = " (chosen)" if float(lr) == run["learning_rate"] else ""
+                lines.append(f"| {name} | {lr}{mark} | {r['step']} | {r['validation_reward']:.4f} | "
+                             f"{r['reward'] - base['reward']:+.4f} | {r['geneval_pass']:.3f} | "
+                             f"{r['feature_diversity']:.3f} | {r['w2_divergence']:.5f} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -706,7 +753,7 @@ def main(argv=None) -> int:
     try:
         args, overrides = overrides_from_args(LabSettings, parser, argv)
         settings = load(LabSettings, args.config, overrides, under=QUICK if args.quick else None,
-                        name="lab settings", overrides_from="the command line")
+                        name="lab settings", overrides_from="the command line", convert=RATE_KEYS)
     except ConfigError as err:
         parser.error(str(err))
     try:
