@@ -611,17 +611,19 @@ def render_table(results: dict) -> str:
         lines.append(f"| {method} | {name} | {mean:.4f} | {mean - base['reward']:+.4f} | {se:.4f} |")
     swept = {name: run for name, run in results["runs"].items() if run.get("lr_sweep_records")}
     if swept:
-        lines += ["", f"Learning-rate sweep (seed {settings['seeds'][0]}): each rate's chosen checkpoint; the run's "
-                  "rate (above) is the one with the best validation reward.", "",
-                  "| run | lr | step | validation reward | Δ reward | pass | feature div. | W2 div. |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", f"Learning-rate sweep (seed {settings['seeds'][0]}): each rate's chosen checkpoint, and its "
+                  "trajectory's Δ reward at matched diversity (held-out, as above); the run's rate (above) is the one "
+                  "with the best validation reward.", "",
+                  "| run | lr | step | validation reward | Δ reward | pass | feature div. | W2 div. | Δ at matched div. |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, run in swept.items():
             for lr, records in run["lr_sweep_records"].items():
                 r = records[chosen_index(records)]
                 mark = " (chosen)" if float(lr) == run["learning_rate"] else ""
                 lines.append(f"| {name} | {lr}{mark} | {r['step']} | {r['validation_reward']:.4f} | "
                              f"{r['reward'] - base['reward']:+.4f} | {r['geneval_pass']:.3f} | "
-                             f"{r['feature_diversity']:.3f} | {r['w2_divergence']:.5f} |")
+                             f"{r['feature_diversity']:.3f} | {r['w2_divergence']:.5f} | "
+                             f"{matched_reward(records, target)[0] - base['reward']:+.4f} |")
     lines.append("")
     return "\n".join(lines)
 
