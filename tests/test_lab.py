@@ -206,7 +206,7 @@ QUICK_RUNS = ["adrpo beta0=0.5", "adrpo beta0=1", "raft top_k=1", "raft top_k=2"
 
 @pytest.mark.slow
 def test_quick_lab_writes_the_table_the_plots_and_the_grids(quick_lab):
-    from adrpo_diffusion.lab.experiment import chosen_index
+    from adrpo_diffusion.lab.experiment import chosen_index, matched_reward
 
     results = json.loads((quick_lab / "results.json").read_text())
     assert list(results["runs"]) == QUICK_RUNS
@@ -231,9 +231,13 @@ def test_quick_lab_writes_the_table_the_plots_and_the_grids(quick_lab):
     for method in ("adrpo", "raft", "nft"):
         assert f"| {method} | {method} " in table  # each method's row in the matched-diversity table
     sweep = table.split("Learning-rate sweep")[1]
-    for name in QUICK_RUNS:  # one row per rate, the run's own rate marked
+    target = results["settings"]["matched_diversity"] * base["feature_diversity"]
+    for name in QUICK_RUNS:  # one row per rate, the run's own rate marked, its last cell the gain at matched diversity
         chosen = f"| {name} | {results['runs'][name]['learning_rate']:g} (chosen) |"
         assert sweep.count(f"| {name} | ") == 2 and sweep.count(chosen) == 1
+        row = next(line for line in sweep.splitlines() if line.startswith(chosen))
+        matched = matched_reward(results["runs"][name]["seeds"]["0"], target)[0] - base["reward"]
+        assert row.split("|")[-2].strip() == f"{matched:+.4f}"
     for plot in ("frontier.png", "learning_curves.png"):
         assert (quick_lab / plot).stat().st_size > 10_000
     for grid in ("samples_base.png", "samples_data.png", "samples_comparison.png"):
