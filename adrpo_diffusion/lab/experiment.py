@@ -171,9 +171,9 @@ def settings_problems(settings: LabSettings) -> list[str]:
     if settings.val_seed == settings.eval_seed:
         problems.append(f"val_seed must differ from eval_seed ({settings.eval_seed}): validation would choose on the "
                         "held-out images")
-    for key in RATE_KEYS:
+    for key, read in RATE_KEYS.items():
         try:
-            RATE_KEYS[key](getattr(settings, key))
+            read(getattr(settings, key))
         except ValueError as err:
             problems.append(str(err))
     if settings.learning_rates and settings.learning_rate_factors:
